@@ -1,0 +1,1187 @@
+#!/usr/bin/env python3
+"""nfapi: run Nextflow pipelines over HTTP, with nothing but the Python standard library.
+
+    python3 nfapi.py --config example-config.json --data ./nfapi-data --host 127.0.0.1 --port 8000
+
+A *workflow* is a named folder of input files plus a chosen pipeline and its arguments. Clients
+create workflows, upload files, choose one of the pipelines configured by the operator, fill in its
+arguments and schedule a *run*. A worker (nfapi_worker.py) claims queued runs over HTTP and starts
+`nextflow run`; Nextflow reports every task back through its weblog to
+`POST /api/workflows/<id>/nextflow-log`.
+
+Every request needs `Authorization: Bearer <token>`. The token comes from $NFAPI_TOKEN, else from
+`<data>/api-token` (created on first start, mode 0600). Nextflow's weblog posts carry a per-run
+secret instead, which works for that run only.
+
+Data layout under --data (created 0700, files 0600):
+    nfapi.sqlite3        workflows, runs and tasks (SQLite in WAL mode)
+    api-token            the API token, unless $NFAPI_TOKEN is set
+    workflows/<id>/      the workflow's files: everything the file endpoints show
+    launch/<id>/         where nextflow runs for this workflow (.nextflow/, work/, .nextflow.log)
+    runs/<run id>/       params.json and console.log of one run
+    tmp/                 uploads in progress and folders being deleted; emptied at start
+
+Limits: JSON bodies up to `max_json_bytes` (1 MiB), uploads up to `max_upload_bytes` (no limit by
+default), multipart part headers up to 16 KiB; clients idle for `client_timeout` seconds are dropped.
+Runs on Python 3.8+ and SQLite 3.24+.
+"""
+
+import argparse
+import contextlib
+import email.message
+import email.utils
+import errno
+import hmac
+import http.server
+import json
+import math
+import os
+import posixpath
+import queue
+import re
+import secrets
+import shutil
+import signal
+import socket
+import socketserver
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.parse
+
+# ==== Limits and constants ====
+
+DEFAULTS = {
+    "max_json_bytes": 1024 * 1024,
+    "max_upload_bytes": None,
+    "client_timeout": 60,
+}
+MAX_NAME_LENGTH = 512
+MAX_PART_HEADER_BYTES = 16 * 1024
+MAX_FORM_FIELD_BYTES = 64 * 1024
+READ_CHUNK = 256 * 1024
+LINGER_SECONDS = 2.0
+ARG_TYPES = ("path", "paths", "file-glob", "number", "text")
+ACTIVE_RUN_STATES = ("queued", "running")
+TEMP_PREFIX = ".nfapi-"
+
+
+# ==== Errors ====
+
+class ApiError(Exception):
+    """An answer for the client: `status` and `{"errors": {field: [messages]}}`.
+
+    Raised anywhere; `Handler.dispatch` is the one place that turns it into a response.
+    """
+
+    def __init__(self, status, field, message, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.errors = {field: [message]}
+        self.headers = headers or {}
+
+    @classmethod
+    def of(cls, status, errors):
+        err = cls(status, "general", "")
+        err.errors = errors
+        return err
+
+
+class ClientGone(Exception):
+    """The client closed the connection or stopped sending before its body was complete."""
+
+
+class ConfigError(Exception):
+    """A configuration problem, reported as `file: key.path: what is wrong`."""
+
+    def __init__(self, where, message):
+        super().__init__("%s: %s" % (".".join(where) or "(top level)", message))
+
+
+# ==== Configuration ====
+
+ARG_KEYS = {
+    "path": {"selectable_files", "selectable_folders"},
+    "paths": {"selectable_files", "selectable_folders"},
+    "file-glob": set(),
+    "number": set(),
+    "text": {"is_multiline"},
+}
+
+
+def load_config(path):
+    """Read and check the JSON configuration; raise ConfigError naming the key that is wrong."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise ConfigError([], "cannot read: %s" % e.strerror)
+    except ValueError as e:
+        raise ConfigError([], "not valid JSON: %s" % e)
+    expect(raw, dict, [], "an object")
+    known = set(DEFAULTS) | {"nextflow_workflows"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError([key], "unknown setting (known: %s)" % ", ".join(sorted(known)))
+    config = dict(DEFAULTS)
+    config.update({k: v for k, v in raw.items() if k in DEFAULTS})
+    for key in ("max_json_bytes", "max_upload_bytes", "client_timeout"):
+        value = config[key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConfigError([key], "must be a positive integer%s" % (" or null" if key == "max_upload_bytes" else ""))
+    base = os.path.dirname(os.path.abspath(path))
+    pipelines = raw.get("nextflow_workflows")
+    expect(pipelines, dict, ["nextflow_workflows"], "an object of pipelines by name")
+    config["pipelines"] = {name: load_pipeline(spec, base, ["nextflow_workflows", name])
+                           for name, spec in pipelines.items()}
+    return config
+
+
+def expect(value, kind, where, description):
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ConfigError(where, "must be %s" % description)
+
+
+def load_pipeline(spec, base, where):
+    expect(spec, dict, where, "an object")
+    known = {"directory", "script", "pipeline", "revision", "nextflow_parameters", "args"}
+    for key in spec:
+        if key not in known:
+            raise ConfigError(where + [key], "unknown key (known: %s)" % ", ".join(sorted(known)))
+    pipeline = {}
+    if "pipeline" in spec:
+        if "directory" in spec or "script" in spec:
+            raise ConfigError(where, "give either `pipeline` or `directory` + `script`, not both")
+        expect(spec["pipeline"], str, where + ["pipeline"], "a pipeline name such as nf-core/demo")
+        pipeline["pipeline"] = spec["pipeline"]
+        if "revision" in spec:
+            expect(spec["revision"], str, where + ["revision"], "a string")
+            pipeline["revision"] = spec["revision"]
+    else:
+        for key in ("directory", "script"):
+            if key not in spec:
+                raise ConfigError(where, "needs `directory` and `script`, or a remote `pipeline`")
+            expect(spec[key], str, where + [key], "a string")
+        directory = os.path.normpath(os.path.join(base, spec["directory"]))
+        script = os.path.join(directory, spec["script"])
+        if not os.path.isfile(script):
+            raise ConfigError(where + ["script"], "no such file: %s" % script)
+        pipeline.update(directory=directory, script=script)
+    params = spec.get("nextflow_parameters", [])
+    if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+        raise ConfigError(where + ["nextflow_parameters"], "must be a list of strings")
+    pipeline["nextflow_parameters"] = params
+    args = spec.get("args", {})
+    expect(args, dict, where + ["args"], "an object with `dynamic` and `static`")
+    for key in args:
+        if key not in ("dynamic", "static"):
+            raise ConfigError(where + ["args", key], "unknown key (known: dynamic, static)")
+    for kind in ("dynamic", "static"):
+        group = args.get(kind, {})
+        expect(group, dict, where + ["args", kind], "an object of arguments by name")
+        pipeline[kind] = {name: load_argument(arg, where + ["args", kind, name], kind == "static")
+                          for name, arg in group.items()}
+    return pipeline
+
+
+def load_argument(arg, where, needs_value):
+    expect(arg, dict, where, "an object with `type`")
+    kind = arg.get("type")
+    if kind not in ARG_TYPES:
+        raise ConfigError(where + ["type"], "must be one of %s" % ", ".join(ARG_TYPES))
+    known = {"type", "desc", "value"} | ARG_KEYS[kind]
+    for key in arg:
+        if key not in known:
+            raise ConfigError(where + [key], "unknown key for a %s argument (known: %s)" % (kind, ", ".join(sorted(known))))
+    definition = {"type": kind, "desc": arg.get("desc", ""), "value": arg.get("value")}
+    definition.update((key, arg[key]) for key in ARG_KEYS[kind] if key in arg)
+    problem = argument_value_problem(definition, definition["value"])
+    if problem:
+        raise ConfigError(where + ["value"], problem)
+    if needs_value and is_empty(definition["value"]):
+        raise ConfigError(where + ["value"], "a static argument needs a value")
+    return definition
+
+
+def is_empty(value):
+    return value is None or value == "" or value == []
+
+
+def argument_value_problem(definition, value):
+    """Why `value` cannot be stored for this argument, or None. Empty values are allowed in a draft."""
+    if is_empty(value):
+        return None
+    kind = definition["type"]
+    if kind == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return "must be a number"
+        return None
+    if kind == "paths":
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            return "must be a list of paths"
+        return next(filter(None, (relative_path_problem(v) for v in value)), None)
+    if not isinstance(value, str):
+        return "must be a string"
+    if kind in ("path", "file-glob"):
+        return relative_path_problem(value)
+    return None
+
+
+# ==== Database ====
+
+MIGRATIONS = [
+    """
+    CREATE TABLE workflows (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        nextflow_workflow TEXT NOT NULL DEFAULT '',
+        nextflow_arguments TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        workflow_id INTEGER NOT NULL REFERENCES workflows(id) ON DELETE CASCADE,
+        status TEXT NOT NULL,
+        pipeline TEXT NOT NULL,
+        arguments TEXT NOT NULL,
+        resume INTEGER NOT NULL DEFAULT 0,
+        secret TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        exit_code INTEGER,
+        error_message TEXT,
+        submitted INTEGER NOT NULL DEFAULT 0,
+        completed INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX runs_by_workflow ON runs(workflow_id, id);
+    CREATE UNIQUE INDEX one_active_run_per_workflow ON runs(workflow_id)
+        WHERE status IN ('queued', 'running');
+    """,
+]
+
+
+def connect(path):
+    """Open a connection with every per-connection setting; transactions are explicit (write_tx)."""
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+@contextlib.contextmanager
+def write_tx(conn):
+    """The one write transaction: BEGIN IMMEDIATE takes the write lock up front, so a
+    read-then-write never fails half-way with "database is locked" under WAL."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class Database:
+    """A pool of connections: a request takes one, uses it alone, and gives it back."""
+
+    def __init__(self, path):
+        self.path = path
+        self.idle = queue.LifoQueue()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        with self.connection() as conn:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                sys.exit("nfapi: SQLite refused WAL mode for %s (journal_mode=%s). The data folder is "
+                         "probably on a network filesystem (NFS, GPFS, Lustre); put --data on a local disk."
+                         % (path, mode))
+            migrate(conn)
+
+    @contextlib.contextmanager
+    def connection(self):
+        try:
+            conn = self.idle.get_nowait()
+        except queue.Empty:
+            conn = connect(self.path)
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.close()
+            else:
+                self.idle.put(conn)
+
+    def close(self):
+        while not self.idle.empty():
+            self.idle.get_nowait().close()
+
+
+def migrate(conn):
+    """Apply pending MIGRATIONS, each with its user_version bump in one transaction."""
+    while True:
+        with write_tx(conn):
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version >= len(MIGRATIONS):
+                return
+            for statement in MIGRATIONS[version].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("PRAGMA user_version = %d" % (version + 1))
+
+
+# ==== Filesystem ====
+
+def relative_path_problem(path):
+    """Why a user-supplied relative path is unacceptable before touching the disk, or None."""
+    if "\x00" in path:
+        return "must not contain NUL"
+    if any(ord(c) < 32 for c in path):
+        return "must not contain control characters"
+    if "\\" in path:
+        return "must not contain backslashes"
+    if path.startswith("/") and path.strip("/"):
+        return "must be relative to the workflow folder"
+    if ".." in path.split("/"):
+        return "must not contain '..'"
+    return None
+
+
+def resolve(root, path, field):
+    """The one resolver for user paths: `path` relative to the workflow folder `root`.
+
+    "" and "/" name the root. Absolute paths, `..`, NUL and control characters are refused, and so
+    is any path that leaves the folder through a symlink. Returns the absolute path (which may not
+    exist yet).
+    """
+    if not isinstance(path, str):
+        raise ApiError(422, field, "must be a string")
+    problem = relative_path_problem(path)
+    if problem:
+        raise ApiError(422, field, problem)
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    real_root = os.path.realpath(root)
+    target = os.path.join(real_root, *parts)
+    real = os.path.realpath(target)
+    if real != real_root and not real.startswith(real_root + os.sep):
+        raise ApiError(422, field, "leaves the workflow folder")
+    return target
+
+
+def check_file_name(name):
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ApiError(422, "file", "the file name must be a single name, without / or \\")
+    problem = relative_path_problem(name)
+    if problem:
+        raise ApiError(422, "file", "the file name " + problem)
+
+
+def make_private_dir(path):
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+def remove_tree_atomically(path, trash):
+    """Move a file or folder to the trash folder first so it vanishes in one step, then delete it."""
+    doomed = os.path.join(trash, "%sdeleted-%s" % (TEMP_PREFIX, secrets.token_hex(8)))
+    os.rename(path, doomed)
+    if os.path.isdir(doomed) and not os.path.islink(doomed):
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        os.unlink(doomed)
+
+
+# ==== Request bodies ====
+
+def parse_json(data):
+    def refuse_constant(name):
+        raise ValueError("%s is not JSON" % name)
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ApiError(400, "body", "not valid JSON: %s" % str(e)[:200])
+    return value
+
+
+# ==== Multipart ====
+
+class MultipartParser:
+    """A push parser for multipart/form-data (RFC 7578, RFC 2046 section 5.1).
+
+    feed() takes chunks of any size and returns events in order:
+        ("part", name, filename)  a part starts (filename is None for a plain field)
+        ("data", bytes)           some of its content
+        ("end",)                  the part ended
+    close() raises unless the closing delimiter was seen. Only a possible partial delimiter is
+    kept between chunks, so memory stays flat whatever the body size.
+    """
+
+    def __init__(self, boundary):
+        self.delimiter = b"\r\n--" + boundary
+        # The first delimiter may sit at the very start, without its CRLF.
+        self.buffer = b"\r\n"
+        self.state = "preamble"
+        self.in_part = False
+
+    def feed(self, chunk):
+        self.buffer += chunk
+        events = []
+        while self.state != "done":
+            step = getattr(self, "_" + self.state)(events)
+            if not step:
+                break
+        return events
+
+    def close(self):
+        if self.state != "done":
+            raise ApiError(400, "body", "the multipart body ended early")
+
+    def _preamble(self, events):
+        at = self.buffer.find(self.delimiter)
+        if at < 0:
+            self.buffer = self.buffer[-len(self.delimiter):]
+            return False
+        self.buffer = self.buffer[at + len(self.delimiter):]
+        self.state = "after_delimiter"
+        return True
+
+    def _after_delimiter(self, events):
+        if len(self.buffer) < 2:
+            return False
+        if self.in_part:
+            events.append(("end",))
+            self.in_part = False
+        marker, self.buffer = self.buffer[:2], self.buffer[2:]
+        if marker == b"--":
+            self.state = "done"
+        elif marker == b"\r\n":
+            self.state = "headers"
+        else:
+            raise ApiError(400, "body", "malformed multipart delimiter")
+        return True
+
+    def _headers(self, events):
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 and self.buffer.startswith(b"\r\n"):
+            end = -2
+        if end == -1:
+            if len(self.buffer) > MAX_PART_HEADER_BYTES:
+                raise ApiError(400, "body", "multipart part headers are too large")
+            return False
+        if end > MAX_PART_HEADER_BYTES:
+            raise ApiError(400, "body", "multipart part headers are too large")
+        name, filename = parse_part_headers(self.buffer[:max(end, 0)])
+        self.buffer = self.buffer[end + 4:]
+        events.append(("part", name, filename))
+        self.in_part = True
+        self.state = "body"
+        return True
+
+    def _body(self, events):
+        at = self.buffer.find(self.delimiter)
+        if at < 0:
+            keep = len(self.delimiter) - 1
+            if len(self.buffer) > keep:
+                events.append(("data", self.buffer[:-keep]))
+                self.buffer = self.buffer[-keep:]
+            return False
+        if at:
+            events.append(("data", self.buffer[:at]))
+        self.buffer = self.buffer[at + len(self.delimiter):]
+        self.state = "after_delimiter"
+        return True
+
+
+def parse_part_headers(block):
+    """Return (name, filename) from a part's header block; the name is required."""
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "body", "multipart headers must be UTF-8")
+    disposition = None
+    for line in text.split("\r\n"):
+        key, sep, value = line.partition(":")
+        if not sep or "\r" in line or "\n" in line:
+            raise ApiError(400, "body", "malformed multipart header line")
+        if key.strip().lower() == "content-disposition":
+            disposition = value.strip()
+    if not disposition:
+        raise ApiError(400, "body", "a multipart part has no Content-Disposition")
+    header = email.message.Message()
+    header["Content-Disposition"] = disposition
+    if header.get_content_disposition() != "form-data":
+        raise ApiError(400, "body", "multipart parts must be form-data")
+    name = header.get_param("name", header="content-disposition")
+    if not name:
+        raise ApiError(400, "body", "a multipart part has no name")
+    filename = header.get_param("filename", header="content-disposition")
+    if filename is not None:
+        # Browsers percent-encode exactly these three characters in file names (WHATWG HTML).
+        filename = email.utils.collapse_rfc2231_value(filename)
+        filename = filename.replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
+    return email.utils.collapse_rfc2231_value(name), filename
+
+
+def multipart_boundary(content_type):
+    header = email.message.Message()
+    header["Content-Type"] = content_type or ""
+    boundary = header.get_param("boundary")
+    if header.get_content_type() != "multipart/form-data" or not isinstance(boundary, str):
+        raise ApiError(400, "body", "expected multipart/form-data with a boundary")
+    if not 1 <= len(boundary) <= 70 or not boundary.isascii():
+        raise ApiError(400, "body", "the multipart boundary must be 1 to 70 ASCII characters")
+    return boundary.encode("ascii")
+
+
+# ==== Workflows ====
+
+def workflow_row(conn, workflow_id):
+    row = conn.execute("SELECT * FROM workflows WHERE id = ?", (workflow_id,)).fetchone()
+    if row is None:
+        raise ApiError(404, "workflow", "no workflow with id %d" % workflow_id)
+    return row
+
+
+WORKFLOW_SELECT = """
+    SELECT w.id, w.name, w.nextflow_workflow, w.nextflow_arguments,
+           r.id AS run_id, r.status, r.submitted, r.completed
+    FROM workflows w
+    LEFT JOIN runs r ON r.id = (SELECT max(id) FROM runs WHERE workflow_id = w.id)
+"""
+
+
+def workflow_json(row):
+    """The seed's workflow shape, plus the latest run's `status` and id."""
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "nextflow_arguments": json.loads(row["nextflow_arguments"]),
+        "nextflow_workflow": row["nextflow_workflow"],
+        "submitted_processes": row["submitted"] or 0,
+        "completed_processes": row["completed"] or 0,
+        "is_scheduled": row["status"] in ACTIVE_RUN_STATES,
+        "status": row["status"],
+        "run_id": row["run_id"],
+    }
+
+
+def load_workflow(conn, workflow_id):
+    row = conn.execute(WORKFLOW_SELECT + " WHERE w.id = ?", (workflow_id,)).fetchone()
+    if row is None:
+        raise ApiError(404, "workflow", "no workflow with id %d" % workflow_id)
+    return workflow_json(row)
+
+
+def refuse_if_active(conn, workflow_id, action):
+    active = conn.execute("SELECT 1 FROM runs WHERE workflow_id = ? AND status IN ('queued', 'running')",
+                          (workflow_id,)).fetchone()
+    if active:
+        raise ApiError(409, "workflow", "cannot %s while a run is queued or running" % action)
+
+
+def merge_arguments(definitions, stored, given):
+    """The configured definitions with values from `stored`, then `given`; raises 422 per argument.
+
+    A client sends either `{name: value}` or `{name: {"value": value, ...}}` (the shape it read);
+    only the value is taken, so the configured type and description can never be changed.
+    """
+    merged = {name: dict(definition, value=stored.get(name, {}).get("value", definition["value"]))
+              for name, definition in definitions.items()}
+    errors = {}
+    for name, value in given.items():
+        if name not in definitions:
+            errors[name] = ["is not an argument of this pipeline"]
+            continue
+        if isinstance(value, dict):
+            value = value.get("value")
+        problem = argument_value_problem(definitions[name], value)
+        if problem:
+            errors[name] = [problem]
+        else:
+            merged[name]["value"] = value
+    if errors:
+        raise ApiError.of(422, errors)
+    return merged
+
+
+# ==== Handlers ====
+# Each handler takes the request (a Handler) and the route's parameters and returns
+# (status, body): a dict is sent as JSON, None as an empty body.
+
+def workflows_list(req):
+    offset = req.query_int("offset", 0)
+    limit = req.query_int("limit", -1)
+    with req.db() as conn:
+        rows = conn.execute(WORKFLOW_SELECT + " ORDER BY w.id LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+    return 200, {"workflows": [workflow_json(row) for row in rows]}
+
+
+def workflows_count(req):
+    with req.db() as conn:
+        count = conn.execute("SELECT count(*) FROM workflows").fetchone()[0]
+    return 200, {"count": count}
+
+
+def workflow_create(req):
+    name = req.json().get("name")
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_LENGTH:
+        raise ApiError(422, "name", "must be a string of 1 to %d characters" % MAX_NAME_LENGTH)
+    with req.db() as conn:
+        with write_tx(conn):
+            workflow_id = conn.execute("INSERT INTO workflows (name, created_at) VALUES (?, ?)",
+                                       (name, time.time())).lastrowid
+        make_private_dir(req.app.workflow_dir(workflow_id))
+        return 200, {"workflow": load_workflow(conn, workflow_id)}
+
+
+def workflow_get(req, id):
+    with req.db() as conn:
+        return 200, {"workflow": load_workflow(conn, id)}
+
+
+def workflow_update(req, id):
+    body = req.json()
+    pipelines = req.app.config["pipelines"]
+    given = body.get("nextflow_arguments", {})
+    if not isinstance(given, dict):
+        raise ApiError(422, "nextflow_arguments", "must be an object of arguments by name")
+    with req.db() as conn, write_tx(conn):
+        row = workflow_row(conn, id)
+        refuse_if_active(conn, id, "change a workflow")
+        name = body.get("nextflow_workflow", row["nextflow_workflow"])
+        if name not in pipelines:
+            if "nextflow_workflow" in body:
+                raise ApiError(422, "nextflow_workflow", "unknown pipeline (see /api/nextflow-workflows)")
+            if given:
+                raise ApiError(422, "nextflow_workflow", "choose a pipeline before setting its arguments")
+            return 200, {}
+        stored = json.loads(row["nextflow_arguments"]) if name == row["nextflow_workflow"] else {}
+        merged = merge_arguments(pipelines[name]["dynamic"], stored, given)
+        conn.execute("UPDATE workflows SET nextflow_workflow = ?, nextflow_arguments = ? WHERE id = ?",
+                     (name, json.dumps(merged), id))
+    return 200, {}
+
+
+def workflow_delete(req, id):
+    with req.db() as conn, write_tx(conn):
+        workflow_row(conn, id)
+        refuse_if_active(conn, id, "delete a workflow")
+        conn.execute("DELETE FROM workflows WHERE id = ?", (id,))
+    for folder in (req.app.workflow_dir(id), req.app.launch_dir(id)):
+        if os.path.exists(folder):
+            remove_tree_atomically(folder, req.app.tmp_dir)
+    return 200, {}
+
+
+def workflow_files(req, id):
+    root = req.app.existing_workflow_dir(id)
+    folder = resolve(root, req.query_str("dir", ""), "dir")
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        raise ApiError(404, "dir", "no such folder")
+    except NotADirectoryError:
+        raise ApiError(422, "dir", "is a file, not a folder")
+    folders = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+    files = sorted(e.name for e in entries if not e.is_dir(follow_symlinks=False))
+    return 200, {"folders": folders, "files": files}
+
+
+def workflow_upload_file(req, id):
+    """Stream a multipart upload into a temp file, and rename it into place once the body is complete."""
+    root = req.app.existing_workflow_dir(id)
+    limit = req.app.config["max_upload_bytes"]
+    if limit is not None and req.body_left > limit:
+        raise ApiError(413, "file", "the upload is larger than %d bytes" % limit)
+    parser = MultipartParser(multipart_boundary(req.headers.get("Content-Type")))
+    fields, upload = {}, None
+    try:
+        upload = receive_form(req, parser, fields)
+        if upload is None:
+            raise ApiError(422, "file", "a file part with a file name is required")
+        temp, filename = upload
+        try:
+            directory = fields.get("directory", b"").decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(422, "directory", "must be UTF-8")
+        folder = resolve(root, directory, "directory")
+        check_file_name(filename)
+        target = resolve(root, posixpath.join(directory.strip("/"), filename), "file")
+        if os.path.isdir(target):
+            raise ApiError(409, "file", "a folder with that name exists")
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ApiError(409, "directory", "a file is in the way of that folder")
+        os.fsync(temp.fileno())
+        temp.close()
+        os.replace(temp.name, target)
+        upload = None
+    finally:
+        if upload is not None:
+            upload[0].close()
+            with contextlib.suppress(OSError):
+                os.unlink(upload[0].name)
+    return 200, {"directory": directory, "file": filename}
+
+
+def receive_form(req, parser, fields):
+    """Feed the body to `parser`. The `file` part streams into a temp file, returned with its
+    name as (temp, filename); other fields are collected into `fields`."""
+    upload, current = None, None
+    try:
+        for chunk in req.body_chunks():
+            for event in parser.feed(chunk):
+                if event[0] == "part":
+                    current = event[1]
+                    if current == "file":
+                        if upload is not None or event[2] is None:
+                            raise ApiError(422, "file", "expected one `file` part with a file name")
+                        upload = (tempfile.NamedTemporaryFile(dir=req.app.tmp_dir, prefix=TEMP_PREFIX + "upload-",
+                                                              delete=False), event[2])
+                    else:
+                        fields[current] = b""
+                elif event[0] == "data":
+                    if current == "file":
+                        write_upload(upload[0], event[1])
+                    else:
+                        fields[current] += event[1]
+                        if len(fields[current]) > MAX_FORM_FIELD_BYTES:
+                            raise ApiError(413, current, "this form field is too large")
+        parser.close()
+    except BaseException:
+        if upload is not None:
+            upload[0].close()
+            os.unlink(upload[0].name)
+        raise
+    return upload
+
+
+def write_upload(temp, data):
+    try:
+        temp.write(data)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ApiError(507, "file", "the server's disk is full")
+        raise
+
+
+def workflow_path_request(req, id, action):
+    root = req.app.existing_workflow_dir(id)
+    target = resolve(root, req.json().get("path"), "path")
+    if os.path.realpath(target) == os.path.realpath(root):
+        raise ApiError(422, "path", "cannot %s the workflow folder itself" % action)
+    return target
+
+
+def workflow_delete_path(req, id):
+    target = workflow_path_request(req, id, "delete")
+    if not os.path.lexists(target):
+        raise ApiError(404, "path", "no such file or folder")
+    remove_tree_atomically(target, req.app.tmp_dir)
+    return 200, None
+
+
+def workflow_create_folder(req, id):
+    target = workflow_path_request(req, id, "create")
+    try:
+        os.makedirs(target, mode=0o700, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ApiError(409, "path", "a file is in the way")
+    return 200, None
+
+
+def workflow_schedule(req, id):
+    pipelines = req.app.config["pipelines"]
+    with req.db() as conn, write_tx(conn):
+        row = workflow_row(conn, id)
+        refuse_if_active(conn, id, "schedule a workflow")
+        name = row["nextflow_workflow"]
+        if name not in pipelines:
+            raise ApiError(422, "nextflow_workflow", "choose a pipeline first")
+        arguments = merge_arguments(pipelines[name]["dynamic"], json.loads(row["nextflow_arguments"]), {})
+        missing = {arg: ["cannot be empty"] for arg, d in arguments.items() if is_empty(d["value"])}
+        if missing:
+            raise ApiError.of(422, missing)
+        conn.execute("INSERT INTO runs (workflow_id, status, pipeline, arguments, secret, created_at) "
+                     "VALUES (?, 'queued', ?, ?, ?, ?)",
+                     (id, name, json.dumps(arguments), secrets.token_urlsafe(24), time.time()))
+    return 200, {"is_scheduled": True}
+
+
+def pipelines_list(req):
+    return 200, {"nextflow_workflows": sorted(req.app.config["pipelines"])}
+
+
+def pipeline_arguments(req, name):
+    pipeline = req.app.config["pipelines"].get(name)
+    if pipeline is None:
+        raise ApiError(404, "nextflow_workflow", "no pipeline named %r" % name)
+    return 200, {"arguments": pipeline["dynamic"]}
+
+
+# ==== Routes ====
+# <int:id> matches ASCII digits only (int() would accept '١٢'); <name> is one percent-decoded segment.
+
+ROUTES = [
+    ("GET", "/api/workflows", workflows_list),
+    ("GET", "/api/workflows/count", workflows_count),
+    ("POST", "/api/workflows/create", workflow_create),
+    ("GET", "/api/workflows/<int:id>", workflow_get),
+    ("POST", "/api/workflows/<int:id>/update", workflow_update),
+    ("POST", "/api/workflows/<int:id>/delete", workflow_delete),
+    ("GET", "/api/workflows/<int:id>/files", workflow_files),
+    ("POST", "/api/workflows/<int:id>/upload-file", workflow_upload_file),
+    ("POST", "/api/workflows/<int:id>/delete-path", workflow_delete_path),
+    ("POST", "/api/workflows/<int:id>/create-folder", workflow_create_folder),
+    ("POST", "/api/workflows/<int:id>/schedule", workflow_schedule),
+    ("GET", "/api/nextflow-workflows", pipelines_list),
+    ("GET", "/api/nextflow-workflows/<name>/arguments", pipeline_arguments),
+]
+
+
+def compile_route(pattern):
+    def group(m):
+        return "(?P<%s>%s)" % (m.group(2), "[0-9]{1,18}" if m.group(1) else "[^/]+")
+    return re.compile(re.sub(r"<(int:)?(\w+)>", group, pattern) + r"\Z")
+
+
+COMPILED_ROUTES = [(method, compile_route(pattern), handler) for method, pattern, handler in ROUTES]
+
+
+def match_route(method, path):
+    """Return (handler, params); raise 404, or 405 with Allow when only the method is wrong."""
+    allowed = []
+    for route_method, regex, handler in COMPILED_ROUTES:
+        m = regex.match(path)
+        if not m:
+            continue
+        if route_method != method:
+            allowed.append(route_method)
+            continue
+        return handler, {key: convert_param(key, value) for key, value in m.groupdict().items()}
+    if allowed:
+        raise ApiError(405, "method", "use %s" % " or ".join(allowed), {"Allow": ", ".join(allowed)})
+    raise ApiError(404, "path", "no such endpoint")
+
+
+def convert_param(key, value):
+    if key == "id":
+        return int(value)
+    try:
+        return urllib.parse.unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        raise ApiError(400, key, "bad percent-encoding")
+
+
+# ==== HTTP plumbing ====
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """One connection. HTTP/1.1 keep-alive, a Content-Length on every answer, JSON errors.
+
+    The body is read only by the handler that needs it, never past Content-Length. When an answer
+    leaves before the whole body was read, the connection is closed: otherwise the unread bytes
+    would be parsed as the next request.
+    """
+
+    protocol_version = "HTTP/1.1"
+    # http.server answers an unparsable request line as HTTP/0.9: a bare body with no status line.
+    default_request_version = "HTTP/1.0"
+    body_left = None  # bytes of the body not read yet; None until the request is framed
+
+    def setup(self):
+        self.timeout = self.server.app.config["client_timeout"]
+        super().setup()
+
+    @property
+    def app(self):
+        return self.server.app
+
+    def version_string(self):
+        return "nfapi"
+
+    def finish(self):
+        super().finish()
+        if self.body_left != 0:
+            self.linger()
+
+    def linger(self):
+        """After answering before the body was read, keep reading (and dropping) it for a moment.
+
+        Closing a socket with unread input sends a TCP reset, which can destroy our answer before
+        the client reads it; a client still busy sending would see only a broken pipe.
+        """
+        deadline = time.monotonic() + LINGER_SECONDS
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+            while time.monotonic() < deadline:
+                self.connection.settimeout(max(0.01, deadline - time.monotonic()))
+                if not self.connection.recv(READ_CHUNK):
+                    break
+
+    def db(self):
+        return self.app.db.connection()
+
+    # -- dispatch --
+
+    def do_GET(self):
+        self.dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
+
+    def handle_expect_100(self):
+        # Refuse a bad token or an oversized body before the client sends it (RFC 9110 10.1.1).
+        try:
+            self.prepare()
+        except ApiError as e:
+            self.send_api_error(e)
+            return False
+        return super().handle_expect_100()
+
+    def parse_request(self):
+        # One handler serves every request of a keep-alive connection: reset per-request state.
+        self.prepared = False
+        self.body_left = None
+        self.json_body = self.query_params = None
+        return super().parse_request()
+
+    def prepare(self):
+        """Frame the body, route and authenticate; runs once per request.
+
+        An unauthenticated client gets 401 whatever the path, so routes cannot be probed.
+        """
+        if self.prepared:
+            return
+        self.prepared = True
+        self.body_left = self.parse_content_length()
+        url = urllib.parse.urlsplit(self.path)
+        self.url_path, self.query_string = url.path, url.query
+        try:
+            self.route = match_route(self.command, self.url_path)
+        finally:
+            self.authenticate()
+
+    def authenticate(self):
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.app.token.encode()):
+            raise ApiError(401, "token", "missing or wrong API token (Authorization: Bearer <token>)",
+                           {"WWW-Authenticate": 'Bearer realm="nfapi"'})
+
+    def parse_content_length(self):
+        if "Transfer-Encoding" in self.headers:
+            raise ApiError(411, "body", "chunked bodies are not supported; send Content-Length")
+        value = self.headers.get("Content-Length", "0").strip()
+        if not re.fullmatch(r"[0-9]{1,18}", value):
+            raise ApiError(400, "body", "bad Content-Length")
+        return int(value)
+
+    def dispatch(self):
+        try:
+            self.prepare()
+            handler, params = self.route
+            status, body = handler(self, **params)
+            self.send_answer(status, body)
+        except ApiError as e:
+            self.send_api_error(e)
+        except (ClientGone, ConnectionError, socket.timeout):
+            self.close_connection = True
+        except Exception:
+            self.log_error("internal error on %s %s\n%s", self.command, self.url_path, traceback.format_exc())
+            self.send_api_error(ApiError(500, "general", "internal error"))
+        if self.body_left != 0:
+            self.close_connection = True
+
+    # -- request data --
+
+    def body_chunks(self):
+        while self.body_left:
+            try:
+                chunk = self.rfile.read1(min(READ_CHUNK, self.body_left))
+            except (ConnectionError, socket.timeout):
+                raise ClientGone()
+            if not chunk:
+                raise ClientGone()
+            self.body_left -= len(chunk)
+            yield chunk
+
+    def json(self):
+        """The body as a JSON object (an empty body is `{}`); 413 over max_json_bytes."""
+        if self.json_body is None:
+            if self.body_left > self.app.config["max_json_bytes"]:
+                raise ApiError(413, "body", "JSON bodies are limited to %d bytes" % self.app.config["max_json_bytes"])
+            data = b"".join(self.body_chunks())
+            self.json_body = parse_json(data) if data.strip() else {}
+            if not isinstance(self.json_body, dict):
+                raise ApiError(400, "body", "must be a JSON object")
+        return self.json_body
+
+    def query(self):
+        if self.query_params is None:
+            try:
+                self.query_params = dict(urllib.parse.parse_qsl(self.query_string, keep_blank_values=True,
+                                                                errors="strict"))
+            except (UnicodeDecodeError, ValueError):
+                raise ApiError(400, "query", "bad percent-encoding in the query string")
+        return self.query_params
+
+    def query_str(self, name, default):
+        return self.query().get(name, default)
+
+    def query_int(self, name, default):
+        value = self.query().get(name)
+        if value is None:
+            return default
+        if not re.fullmatch(r"[0-9]{1,18}", value):
+            raise ApiError(422, name, "must be a non-negative integer")
+        return int(value)
+
+    # -- answers --
+
+    def send_answer(self, status, body, headers=None):
+        data = b"" if body is None else json.dumps(body).encode()
+        self.send_response(status)
+        if body is not None:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if self.body_left != 0 or self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_api_error(self, error):
+        try:
+            self.send_answer(error.status, {"errors": error.errors}, error.headers)
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        """Errors raised by http.server itself (bad request line, 414, 431, 501) as JSON too."""
+        self.close_connection = True
+        self.send_api_error(ApiError(code, "request", message or self.responses.get(code, ("error",))[0]))
+
+    def log_message(self, format, *args):
+        if self.app.quiet and not format.startswith("internal error"):
+            return
+        super().log_message(format, *args)
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def server_bind(self):
+        # HTTPServer.server_bind calls socket.getfqdn(): a reverse DNS lookup that stalls for
+        # seconds on login nodes with a broken resolver. We never need the name.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+class App:
+    """Everything the handlers share: configuration, token, database and folders."""
+
+    def __init__(self, config, data_dir, quiet=False):
+        self.config = config
+        self.quiet = quiet
+        self.data_dir = os.path.abspath(data_dir)
+        make_private_dir(self.data_dir)
+        os.chmod(self.data_dir, 0o700)
+        for sub in ("workflows", "launch", "runs", "tmp"):
+            make_private_dir(os.path.join(self.data_dir, sub))
+        self.tmp_dir = os.path.join(self.data_dir, "tmp")
+        self.token, self.token_source = load_token(self.data_dir)
+        self.db = Database(os.path.join(self.data_dir, "nfapi.sqlite3"))
+        self.reconcile()
+
+    def workflow_dir(self, workflow_id):
+        return os.path.join(self.data_dir, "workflows", str(workflow_id))
+
+    def launch_dir(self, workflow_id):
+        return os.path.join(self.data_dir, "launch", str(workflow_id))
+
+    def existing_workflow_dir(self, workflow_id):
+        with self.db.connection() as conn:
+            workflow_row(conn, workflow_id)
+        root = self.workflow_dir(workflow_id)
+        make_private_dir(root)
+        return root
+
+    def reconcile(self):
+        """Clean up after a killed server: temp files, and folders of workflows that were deleted."""
+        for name in os.listdir(self.tmp_dir):
+            path = os.path.join(self.tmp_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+        with self.db.connection() as conn:
+            known = {str(row[0]) for row in conn.execute("SELECT id FROM workflows")}
+        for sub in ("workflows", "launch"):
+            parent = os.path.join(self.data_dir, sub)
+            for name in os.listdir(parent):
+                if name not in known:
+                    remove_tree_atomically(os.path.join(parent, name), self.tmp_dir)
+
+
+def load_token(data_dir):
+    """The API token from $NFAPI_TOKEN, else <data>/api-token (created 0600 on first start)."""
+    if os.environ.get("NFAPI_TOKEN"):
+        return os.environ["NFAPI_TOKEN"], "$NFAPI_TOKEN"
+    path = os.path.join(data_dir, "api-token")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path, encoding="ascii") as f:
+            token = f.read().strip()
+        if not token:
+            sys.exit("nfapi: %s is empty; delete it to get a new token" % path)
+        return token, path
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token, path
+
+
+# ==== Main ====
+
+def parse_args(argv):
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description="Run Nextflow pipelines over HTTP.")
+    parser.add_argument("--config", default=env("NFAPI_CONFIG", "example-config.json"), help="JSON configuration ($NFAPI_CONFIG)")
+    parser.add_argument("--data", default=env("NFAPI_DATA", "nfapi-data"), help="data folder ($NFAPI_DATA)")
+    parser.add_argument("--host", default=env("NFAPI_HOST", "127.0.0.1"), help="address to bind ($NFAPI_HOST)")
+    parser.add_argument("--port", type=int, default=int(env("NFAPI_PORT", "8000")), help="port, 0 for any ($NFAPI_PORT)")
+    parser.add_argument("--quiet", action="store_true", help="do not log each request")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        sys.exit("nfapi: configuration error in %s: %s" % (args.config, e))
+    os.umask(0o077)
+    app = App(config, args.data, quiet=args.quiet)
+    server = Server((args.host, args.port), Handler)
+    server.app = app
+    signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.shutdown).start())
+    host, port = server.server_address[:2]
+    print("nfapi listening on http://%s:%d (token from %s)" % (host, port, app.token_source), flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        app.db.close()
+
+
+if __name__ == "__main__":
+    main()
