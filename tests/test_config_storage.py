@@ -103,12 +103,16 @@ def stdlib_imports(path):
 
 
 def is_stdlib(module):
-    """True for a standard-library module (sys.stdlib_module_names is 3.10+, so ask the import system)."""
+    """True for a standard-library module (sys.stdlib_module_names is 3.10+; 3.8 asks the import system)."""
+    if hasattr(sys, "stdlib_module_names"):
+        return module in sys.stdlib_module_names
     if module in sys.builtin_module_names:
         return True
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         return False
+    if spec.origin in ("built-in", "frozen"):
+        return True
     stdlib = sysconfig.get_paths()["stdlib"]
     return spec.origin.startswith(stdlib) and "site-packages" not in spec.origin
 
