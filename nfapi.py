@@ -27,6 +27,7 @@ Runs on Python 3.8+ and SQLite 3.24+.
 """
 
 import argparse
+import base64
 import contextlib
 import email.message
 import email.utils
@@ -58,6 +59,7 @@ DEFAULTS = {
     "max_json_bytes": 1024 * 1024,
     "max_upload_bytes": None,
     "client_timeout": 60,
+    "lease_seconds": 60,
 }
 MAX_NAME_LENGTH = 512
 MAX_PART_HEADER_BYTES = 16 * 1024
@@ -66,6 +68,10 @@ READ_CHUNK = 256 * 1024
 LINGER_SECONDS = 2.0
 ARG_TYPES = ("path", "paths", "file-glob", "number", "text")
 ACTIVE_RUN_STATES = ("queued", "running")
+FINAL_RUN_STATES = ("succeeded", "failed", "cancelled", "lost")
+MAX_CLAIM_WAIT = 30
+# Nextflow's task states by progress: a late or repeated weblog post never moves a task back.
+TASK_STATUS_RANK = {"NEW": 0, "SUBMITTED": 1, "RUNNING": 2, "COMPLETED": 3, "FAILED": 3, "ABORTED": 3}
 TEMP_PREFIX = ".nfapi-"
 
 
@@ -128,7 +134,7 @@ def load_config(path):
             raise ConfigError([key], "unknown setting (known: %s)" % ", ".join(sorted(known)))
     config = dict(DEFAULTS)
     config.update({k: v for k, v in raw.items() if k in DEFAULTS})
-    for key in ("max_json_bytes", "max_upload_bytes", "client_timeout"):
+    for key in DEFAULTS:
         value = config[key]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError([key], "must be a positive integer%s" % (" or null" if key == "max_upload_bytes" else ""))
@@ -261,6 +267,35 @@ MIGRATIONS = [
     CREATE INDEX runs_by_workflow ON runs(workflow_id, id);
     CREATE UNIQUE INDEX one_active_run_per_workflow ON runs(workflow_id)
         WHERE status IN ('queued', 'running');
+    """,
+    """
+    ALTER TABLE runs ADD COLUMN worker TEXT;
+    ALTER TABLE runs ADD COLUMN lease_until REAL;
+    ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN command TEXT;
+    ALTER TABLE runs ADD COLUMN nextflow_run_name TEXT;
+    ALTER TABLE runs ADD COLUMN session_id TEXT;
+    ALTER TABLE runs ADD COLUMN nextflow_success INTEGER;
+    ALTER TABLE runs ADD COLUMN nextflow_error TEXT;
+    ALTER TABLE runs ADD COLUMN cached INTEGER;
+    ALTER TABLE runs ADD COLUMN params TEXT;
+    ALTER TABLE runs ADD COLUMN resume_session TEXT;
+    CREATE INDEX runs_by_status ON runs(status, id);
+    CREATE TABLE tasks (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        task_id INTEGER NOT NULL,
+        name TEXT,
+        process TEXT,
+        tag TEXT,
+        status TEXT NOT NULL,
+        exit INTEGER,
+        submit INTEGER,
+        start INTEGER,
+        complete INTEGER,
+        attempt INTEGER,
+        workdir TEXT,
+        PRIMARY KEY (run_id, task_id)
+    ) WITHOUT ROWID;
     """,
 ]
 
@@ -546,16 +581,22 @@ def workflow_row(conn, workflow_id):
     return row
 
 
+RUN_COLUMNS = ("status", "created_at", "started_at", "finished_at", "exit_code", "error_message", "submitted",
+               "completed", "failed", "cached", "resume", "nextflow_run_name", "session_id")
 WORKFLOW_SELECT = """
-    SELECT w.id, w.name, w.nextflow_workflow, w.nextflow_arguments,
-           r.id AS run_id, r.status, r.submitted, r.completed
-    FROM workflows w
+    SELECT w.id, w.name, w.nextflow_workflow, w.nextflow_arguments, r.id AS run_id, %s
+    FROM workflows w""" % ", ".join("r." + c for c in RUN_COLUMNS) + """
     LEFT JOIN runs r ON r.id = (SELECT max(id) FROM runs WHERE workflow_id = w.id)
 """
 
 
 def workflow_json(row):
-    """The seed's workflow shape, plus the latest run's `status` and id."""
+    """The seed's workflow shape, plus the latest run's `status` and that run as `run`."""
+    run = None
+    if row["run_id"] is not None:
+        run = {"id": row["run_id"]}
+        run.update((column, row[column]) for column in RUN_COLUMNS)
+        run["resume"] = bool(run["resume"])
     return {
         "id": row["id"],
         "name": row["name"],
@@ -565,7 +606,7 @@ def workflow_json(row):
         "completed_processes": row["completed"] or 0,
         "is_scheduled": row["status"] in ACTIVE_RUN_STATES,
         "status": row["status"],
-        "run_id": row["run_id"],
+        "run": run,
     }
 
 
@@ -796,7 +837,12 @@ def workflow_create_folder(req, id):
 
 
 def workflow_schedule(req, id):
+    """Queue a run. `{"resume": true}` relaunches with -resume on the latest run's Nextflow session."""
+    resume = req.json().get("resume", False)
+    if not isinstance(resume, bool):
+        raise ApiError(422, "resume", "must be true or false")
     pipelines = req.app.config["pipelines"]
+    root = req.app.workflow_dir(id)
     with req.db() as conn, write_tx(conn):
         row = workflow_row(conn, id)
         refuse_if_active(conn, id, "schedule a workflow")
@@ -807,10 +853,269 @@ def workflow_schedule(req, id):
         missing = {arg: ["cannot be empty"] for arg, d in arguments.items() if is_empty(d["value"])}
         if missing:
             raise ApiError.of(422, missing)
-        conn.execute("INSERT INTO runs (workflow_id, status, pipeline, arguments, secret, created_at) "
-                     "VALUES (?, 'queued', ?, ?, ?, ?)",
-                     (id, name, json.dumps(arguments), secrets.token_urlsafe(24), time.time()))
+        params = nextflow_params(pipelines[name], arguments, root)
+        session = resume_session(conn, id) if resume else None
+        conn.execute("INSERT INTO runs (workflow_id, status, pipeline, arguments, params, resume, resume_session, "
+                     "secret, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                     (id, name, json.dumps(arguments), json.dumps(params), int(resume), session,
+                      secrets.token_urlsafe(24), time.time()))
+    req.app.announce_work()
     return 200, {"is_scheduled": True}
+
+
+def resume_session(conn, workflow_id):
+    row = conn.execute("SELECT session_id FROM runs WHERE workflow_id = ? AND session_id IS NOT NULL "
+                       "ORDER BY id DESC LIMIT 1", (workflow_id,)).fetchone()
+    if row is None:
+        raise ApiError(422, "resume", "there is no earlier Nextflow session to resume")
+    return row["session_id"]
+
+
+def nextflow_params(pipeline, arguments, root):
+    """The params file's content: user values converted by type, static arguments merged last."""
+    params = {}
+    for group in (arguments, pipeline["static"]):
+        for name, definition in group.items():
+            params[name] = param_value(definition, root, name)
+    return params
+
+
+def param_value(definition, root, name):
+    value, kind = definition["value"], definition["type"]
+    if kind in ("path", "file-glob"):
+        return resolve(root, value, name)
+    if kind == "paths":
+        return ",".join(resolve(root, v, name) for v in value)
+    return value
+
+
+def workflow_cancel(req, id):
+    """Cancel the active run: a queued one at once, a running one through its worker (SIGTERM)."""
+    now = time.time()
+    with req.db() as conn, write_tx(conn):
+        workflow_row(conn, id)
+        run = conn.execute("SELECT id, status FROM runs WHERE workflow_id = ? AND status IN ('queued', 'running')",
+                           (id,)).fetchone()
+        if run is None:
+            raise ApiError(409, "workflow", "no queued or running run to cancel")
+        if run["status"] == "queued":
+            conn.execute("UPDATE runs SET status = 'cancelled', finished_at = ?, error_message = ? "
+                         "WHERE id = ? AND status = 'queued'", (now, "cancelled before it started", run["id"]))
+        else:
+            conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ? AND status = 'running'", (run["id"],))
+        return 200, {"workflow": load_workflow(conn, id)}
+
+
+def workflow_finished(req, id):
+    """The worker reports how nextflow ended. Repeating the report changes nothing."""
+    body = req.json()
+    run_id, exit_code = body.get("run_id"), body.get("exit_code")
+    if not is_int(run_id):
+        raise ApiError(422, "run_id", "must be an integer")
+    if exit_code is not None and not is_int(exit_code):
+        raise ApiError(422, "exit_code", "must be an integer or null")
+    console_error = body.get("error") if isinstance(body.get("error"), str) else None
+    with req.db() as conn, write_tx(conn):
+        run = conn.execute("SELECT * FROM runs WHERE id = ? AND workflow_id = ?", (run_id, id)).fetchone()
+        if run is None:
+            raise ApiError(404, "run_id", "no such run for this workflow")
+        if run["status"] not in ("running", "lost"):
+            return 200, None
+        if run["cancel_requested"] or body.get("cancelled") is True:
+            status = "cancelled"
+        else:
+            status = "succeeded" if exit_code == 0 else "failed"
+        error = None
+        if status != "succeeded":
+            error = run["nextflow_error"] or console_error or "nextflow exited with code %s" % exit_code
+        conn.execute("UPDATE runs SET status = ?, finished_at = ?, exit_code = ?, error_message = ?, lease_until = NULL "
+                     "WHERE id = ? AND status IN ('running', 'lost')", (status, time.time(), exit_code, error, run_id))
+    return 200, None
+
+
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
+
+
+def run_secret_auth(handler):
+    """Mark a route that authenticates with a run's weblog secret instead of the API token."""
+    handler.run_secret_auth = True
+    return handler
+
+
+@run_secret_auth
+def workflow_nextflow_log(req, id):
+    """Nextflow's weblog (one POST per event, sequential, waiting for each answer): record and answer fast.
+
+    The URL carries `?run=<run id>&token=<secret>`; HTTP Basic `<any user>:<secret>` (weblog.basicToken)
+    works too. Counting is idempotent: tasks are rows keyed by (run, task_id).
+    """
+    run_id = req.query_int("run", None)
+    with req.db() as conn:
+        row = None if run_id is None else conn.execute(
+            "SELECT secret FROM runs WHERE id = ? AND workflow_id = ?", (run_id, id)).fetchone()
+        if row is None or not hmac.compare_digest(req.weblog_secret().encode(), row["secret"].encode()):
+            raise ApiError(401, "token", "missing or wrong run secret", {"WWW-Authenticate": 'Basic realm="nfapi run"'})
+        message = req.json()
+        with write_tx(conn):
+            record_weblog(conn, run_id, message)
+    return 200, None
+
+
+def record_weblog(conn, run_id, message):
+    event = message.get("event") or message.get("runStatus")
+    trace = message.get("trace")
+    if isinstance(trace, dict):
+        record_task(conn, run_id, trace)
+    if event == "started":
+        conn.execute("UPDATE runs SET nextflow_run_name = ?, session_id = ? WHERE id = ?",
+                     (text_or_none(message.get("runName")), text_or_none(message.get("runId")), run_id))
+    elif event == "completed":
+        metadata = message.get("metadata") if isinstance(message.get("metadata"), dict) else {}
+        workflow = metadata.get("workflow") if isinstance(metadata.get("workflow"), dict) else {}
+        stats = workflow.get("stats") if isinstance(workflow.get("stats"), dict) else {}
+        success = workflow.get("success")
+        conn.execute("UPDATE runs SET nextflow_success = ?, nextflow_error = ?, cached = ? WHERE id = ?",
+                     (int(success) if isinstance(success, bool) else None, text_or_none(workflow.get("errorMessage")),
+                      stats.get("cachedCount") if is_int(stats.get("cachedCount")) else None, run_id))
+
+
+def record_task(conn, run_id, trace):
+    """Upsert one task; move the run's counters by the change of this task's status only."""
+    task_id, status = trace.get("task_id"), trace.get("status")
+    if not is_int(task_id) or status not in TASK_STATUS_RANK:
+        return
+    old = conn.execute("SELECT status FROM tasks WHERE run_id = ? AND task_id = ?", (run_id, task_id)).fetchone()
+    old_status = old["status"] if old else None
+    if old_status and (TASK_STATUS_RANK[status] < TASK_STATUS_RANK[old_status]
+                       or TASK_STATUS_RANK[old_status] == 3 and status != old_status):
+        return
+    exit_code = trace.get("exit")
+    values = (text_or_none(trace.get("name")), text_or_none(trace.get("process")), text_or_none(trace.get("tag")),
+              status, exit_code if is_int(exit_code) and exit_code != 2147483647 else None,
+              epoch_ms(trace.get("submit")), epoch_ms(trace.get("start")), epoch_ms(trace.get("complete")),
+              trace.get("attempt") if is_int(trace.get("attempt")) else None, text_or_none(trace.get("workdir")))
+    if old is None:
+        conn.execute("INSERT INTO tasks (name, process, tag, status, exit, submit, start, complete, attempt, workdir, "
+                     "run_id, task_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values + (run_id, task_id))
+    else:
+        conn.execute("UPDATE tasks SET name = ?, process = ?, tag = ?, status = ?, exit = ?, submit = ?, start = ?, "
+                     "complete = ?, attempt = ? , workdir = ? WHERE run_id = ? AND task_id = ?", values + (run_id, task_id))
+    done = ("FAILED", "ABORTED")
+    conn.execute("UPDATE runs SET submitted = submitted + ?, completed = completed + ?, failed = failed + ? WHERE id = ?",
+                 (old is None, (status == "COMPLETED") - (old_status == "COMPLETED"),
+                  (status in done) - (old_status in done), run_id))
+
+
+def text_or_none(value):
+    return value if isinstance(value, str) else None
+
+
+def epoch_ms(value):
+    return value if is_int(value) and value > 0 else None
+
+
+# ==== Worker protocol ====
+
+def worker_claim(req):
+    """Long-poll for a queued run: answer `{"run": launch}` at once when there is one, else wait up
+    to `wait` seconds for one to be scheduled, then answer `{"run": null}`."""
+    body = req.json()
+    worker = body.get("worker")
+    if not isinstance(worker, str) or not 1 <= len(worker) <= 200:
+        raise ApiError(422, "worker", "must be a string of 1 to 200 characters")
+    wait = body.get("wait", 0)
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_CLAIM_WAIT:
+        raise ApiError(422, "wait", "must be a number of seconds from 0 to %d" % MAX_CLAIM_WAIT)
+    host = req.headers.get("Host", "")
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", host):
+        raise ApiError(400, "Host", "a Host header is needed to build the weblog URL")
+    deadline = time.monotonic() + wait
+    while True:
+        generation = req.app.work_generation
+        launch = claim_next_run(req.app, worker, host)
+        remaining = deadline - time.monotonic()
+        if launch or remaining <= 0:
+            return 200, {"run": launch}
+        req.app.wait_for_work(generation, remaining)
+
+
+def claim_next_run(app, worker, host):
+    """Atomically move the oldest queued run to running for `worker` and return its launch spec."""
+    now = time.time()
+    with app.db.connection() as conn, write_tx(conn):
+        while True:
+            run = conn.execute("SELECT * FROM runs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
+            if run is None:
+                return None
+            pipeline = app.config["pipelines"].get(run["pipeline"])
+            if pipeline is None:
+                conn.execute("UPDATE runs SET status = 'failed', finished_at = ?, error_message = ? WHERE id = ?",
+                             (now, "the pipeline %r is no longer configured" % run["pipeline"], run["id"]))
+                continue
+            launch = launch_spec(app, run, pipeline, host)
+            claimed = conn.execute(
+                "UPDATE runs SET status = 'running', worker = ?, started_at = ?, lease_until = ?, command = ? "
+                "WHERE id = ? AND status = 'queued'",
+                (worker, now, now + app.config["lease_seconds"], json.dumps(launch["argv"]), run["id"])).rowcount
+            if claimed == 1:
+                return launch
+
+
+def launch_spec(app, run, pipeline, host):
+    """Everything a worker needs to start nextflow; user values are only in `params`, never in argv."""
+    workflow_id, run_id = run["workflow_id"], run["id"]
+    run_dir = app.run_dir(run_id)
+    params_file = os.path.join(run_dir, "params.json")
+    weblog = "http://%s/api/workflows/%d/nextflow-log?run=%d&token=%s" % (host, workflow_id, run_id, run["secret"])
+    launch_dir = app.launch_dir(workflow_id)
+    argv = ["run", pipeline.get("script") or pipeline.get("pipeline")]
+    if "revision" in pipeline:
+        argv += ["-r", pipeline["revision"]]
+    argv += ["-params-file", params_file, "-with-weblog", weblog, "-name", "nfapi-run-%d" % run_id,
+             "-work-dir", os.path.join(launch_dir, "work"), "-ansi-log", "false"]
+    argv += pipeline["nextflow_parameters"]
+    if run["resume_session"]:
+        argv += ["-resume", run["resume_session"]]
+    return {"run_id": run_id, "workflow_id": workflow_id, "argv": argv, "cwd": launch_dir,
+            "params": json.loads(run["params"]), "params_file": params_file, "run_dir": run_dir,
+            "console_log": os.path.join(run_dir, "console.log"), "lease_seconds": app.config["lease_seconds"]}
+
+
+def worker_release(req):
+    """A worker that claimed a run while stopping gives it back to the queue."""
+    body = req.json()
+    if not is_int(body.get("run_id")) or not isinstance(body.get("worker"), str):
+        raise ApiError(422, "run_id", "give the worker and the run_id it claimed")
+    with req.db() as conn, write_tx(conn):
+        released = conn.execute("UPDATE runs SET status = 'queued', worker = NULL, started_at = NULL, lease_until = NULL, "
+                                "command = NULL WHERE id = ? AND worker = ? AND status = 'running'",
+                                (body["run_id"], body["worker"])).rowcount
+    if not released:
+        raise ApiError(409, "run_id", "this worker is not running that run")
+    req.app.announce_work()
+    return 200, {}
+
+
+def worker_heartbeat(req):
+    """Extend the lease of a worker's runs; answer which to cancel and which the server gave up on."""
+    body = req.json()
+    worker, run_ids = body.get("worker"), body.get("runs")
+    if not isinstance(worker, str):
+        raise ApiError(422, "worker", "must be a string")
+    if not isinstance(run_ids, list) or len(run_ids) > 1000 or not all(is_int(r) for r in run_ids):
+        raise ApiError(422, "runs", "must be a list of run ids")
+    if not run_ids:
+        return 200, {"cancel": [], "gone": []}
+    marks = ",".join("?" * len(run_ids))
+    with req.db() as conn, write_tx(conn):
+        conn.execute("UPDATE runs SET lease_until = ? WHERE status = 'running' AND worker = ? AND id IN (%s)" % marks,
+                     [time.time() + req.app.config["lease_seconds"], worker] + run_ids)
+        rows = conn.execute("SELECT id, status, worker, cancel_requested FROM runs WHERE id IN (%s)" % marks,
+                            run_ids).fetchall()
+    running = {r["id"]: r for r in rows if r["status"] == "running" and r["worker"] == worker}
+    return 200, {"cancel": [i for i, r in running.items() if r["cancel_requested"]],
+                 "gone": [i for i in run_ids if i not in running]}
 
 
 def pipelines_list(req):
@@ -839,8 +1144,14 @@ ROUTES = [
     ("POST", "/api/workflows/<int:id>/delete-path", workflow_delete_path),
     ("POST", "/api/workflows/<int:id>/create-folder", workflow_create_folder),
     ("POST", "/api/workflows/<int:id>/schedule", workflow_schedule),
+    ("POST", "/api/workflows/<int:id>/cancel", workflow_cancel),
+    ("POST", "/api/workflows/<int:id>/finished", workflow_finished),
+    ("POST", "/api/workflows/<int:id>/nextflow-log", workflow_nextflow_log),
     ("GET", "/api/nextflow-workflows", pipelines_list),
     ("GET", "/api/nextflow-workflows/<name>/arguments", pipeline_arguments),
+    ("POST", "/api/worker/claim", worker_claim),
+    ("POST", "/api/worker/heartbeat", worker_heartbeat),
+    ("POST", "/api/worker/release", worker_release),
 ]
 
 
@@ -962,7 +1273,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.url_path, self.query_string = url.path, url.query
         try:
             self.route = match_route(self.command, self.url_path)
-        finally:
+        except ApiError:
+            self.authenticate()
+            raise
+        if not getattr(self.route[0], "run_secret_auth", False):
             self.authenticate()
 
     def authenticate(self):
@@ -970,6 +1284,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.app.token.encode()):
             raise ApiError(401, "token", "missing or wrong API token (Authorization: Bearer <token>)",
                            {"WWW-Authenticate": 'Bearer realm="nfapi"'})
+
+    def weblog_secret(self):
+        token = self.query().get("token")
+        scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
+        if token is None and scheme.lower() == "basic":
+            with contextlib.suppress(ValueError):
+                token = base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")[2]
+        return token or ""
 
     def parse_content_length(self):
         if "Transfer-Encoding" in self.headers:
@@ -1016,7 +1338,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             data = b"".join(self.body_chunks())
             self.json_body = parse_json(data) if data.strip() else {}
             if not isinstance(self.json_body, dict):
-                raise ApiError(400, "body", "must be a JSON object")
+                raise ApiError(422, "body", "must be a JSON object")
         return self.json_body
 
     def query(self):
@@ -1076,6 +1398,12 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
+    def handle_error(self, request, client_address):
+        # Clients vanish between requests (nextflow exits without waiting for its last post): not our error.
+        if isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout)):
+            return
+        super().handle_error(request, client_address)
+
     def server_bind(self):
         # HTTPServer.server_bind calls socket.getfqdn(): a reverse DNS lookup that stalls for
         # seconds on login nodes with a broken resolver. We never need the name.
@@ -1097,13 +1425,46 @@ class App:
         self.tmp_dir = os.path.join(self.data_dir, "tmp")
         self.token, self.token_source = load_token(self.data_dir)
         self.db = Database(os.path.join(self.data_dir, "nfapi.sqlite3"))
+        self.work_ready = threading.Condition()
+        self.work_generation = 0
+        self.stopping = threading.Event()
         self.reconcile()
+        threading.Thread(target=self.reap_forever, name="lease-reaper", daemon=True).start()
 
     def workflow_dir(self, workflow_id):
         return os.path.join(self.data_dir, "workflows", str(workflow_id))
 
     def launch_dir(self, workflow_id):
         return os.path.join(self.data_dir, "launch", str(workflow_id))
+
+    def run_dir(self, run_id):
+        return os.path.join(self.data_dir, "runs", str(run_id))
+
+    def announce_work(self):
+        with self.work_ready:
+            self.work_generation += 1
+            self.work_ready.notify_all()
+
+    def wait_for_work(self, generation, timeout):
+        with self.work_ready:
+            if self.work_generation == generation:
+                self.work_ready.wait(timeout)
+
+    def reap_lost_runs(self):
+        """Runs whose worker stopped sending heartbeats are `lost`, with the reason recorded."""
+        now = time.time()
+        with self.db.connection() as conn, write_tx(conn):
+            conn.execute("UPDATE runs SET status = 'lost', finished_at = ?, error_message = ? "
+                         "WHERE status = 'running' AND lease_until < ?",
+                         (now, "the worker stopped sending heartbeats", now))
+
+    def reap_forever(self):
+        interval = min(5.0, self.config["lease_seconds"] / 4)
+        while not self.stopping.wait(interval):
+            try:
+                self.reap_lost_runs()
+            except sqlite3.Error:
+                traceback.print_exc()
 
     def existing_workflow_dir(self, workflow_id):
         with self.db.connection() as conn:
@@ -1120,8 +1481,11 @@ class App:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 os.unlink(path)
-        with self.db.connection() as conn:
+        with self.db.connection() as conn, write_tx(conn):
             known = {str(row[0]) for row in conn.execute("SELECT id FROM workflows")}
+            # Workers keep running while the server is down: give them a full lease to report back.
+            conn.execute("UPDATE runs SET lease_until = ? WHERE status = 'running'",
+                         (time.time() + self.config["lease_seconds"],))
         for sub in ("workflows", "launch"):
             parent = os.path.join(self.data_dir, sub)
             for name in os.listdir(parent):
@@ -1171,14 +1535,15 @@ def main(argv=None):
     app = App(config, args.data, quiet=args.quiet)
     server = Server((args.host, args.port), Handler)
     server.app = app
-    signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.shutdown).start())
+    # Explicit for SIGINT too: a shell starts background jobs (as `make run` does) with SIGINT ignored.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: threading.Thread(target=server.shutdown).start())
     host, port = server.server_address[:2]
     print("nfapi listening on http://%s:%d (token from %s)" % (host, port, app.token_source), flush=True)
     try:
         server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
+        app.stopping.set()
         server.server_close()
         app.db.close()
 

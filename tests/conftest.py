@@ -3,6 +3,7 @@
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -174,11 +175,136 @@ class ServerProcess:
 @pytest.fixture
 def server(tmp_path):
     srv = ServerProcess(tmp_path).start()
-    yield srv
-    srv.stop()
+    try:
+        yield srv
+    finally:
+        srv.stop()
     assert "Traceback" not in srv.output(), srv.output()
 
 
 @pytest.fixture
 def api(server):
     return server.client()
+
+
+FAKE_NEXTFLOW = os.path.join(ROOT, "tests", "fake_nextflow.py")
+FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
+
+
+def write_config(tmp_path, **settings):
+    """example-config.json with absolute pipeline folders and the given top-level settings."""
+    with open(CONFIG) as f:
+        config = json.load(f)
+    for pipeline in config["nextflow_workflows"].values():
+        if "directory" in pipeline:
+            pipeline["directory"] = os.path.join(ROOT, pipeline["directory"])
+    config.update(settings)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+class WorkerProcess:
+    """nfapi_worker.py with the nextflow stand-in; every process it starts carries a marker variable."""
+
+    def __init__(self, server, tmp_path, env=None, args=(), nextflow=FAKE_NEXTFLOW, name="worker"):
+        self.server = server
+        self.marker = uuid.uuid4().hex
+        self.record_dir = tmp_path / ("record-" + name)
+        self.record_dir.mkdir(exist_ok=True)
+        self.log_path = str(tmp_path / (name + ".log"))
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_NF_")}
+        self.env.update(NFAPI_TOKEN=server.token, NFAPI_TEST_MARKER=self.marker, FAKE_NF_RECORD=str(self.record_dir),
+                        FAKE_NF_TASK_SECONDS="0.05")
+        self.env.update(env or {})
+        self.args = ["--nextflow", nextflow, "--grace", "5"] + list(args)
+        self.proc = None
+
+    def start(self):
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [PYTHON, os.path.join(ROOT, "nfapi_worker.py"), "--server", self.server.url] + self.args,
+                stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    def output(self):
+        with open(self.log_path, encoding="latin-1") as f:
+            return f.read()
+
+    def records(self):
+        out = {}
+        for name in os.listdir(str(self.record_dir)):
+            with open(str(self.record_dir / name)) as f:
+                out[name[:-5]] = json.load(f)
+        return out
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def processes_with_marker(marker):
+    """PIDs of live processes whose environment carries `marker` (nextflow and its tasks inherit it)."""
+    found = []
+    needle = ("NFAPI_TEST_MARKER=%s" % marker).encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/environ" % pid, "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    with open("/proc/%s/stat" % pid) as s:
+                        if s.read().split(")")[-1].split()[0] != "Z":
+                            found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def wait_final(api, wid, timeout=30):
+    """Poll the workflow until its latest run is in a final state; return the workflow."""
+    def final():
+        wf = api.get("/api/workflows/%d" % wid).json()["workflow"]
+        return wf if wf["status"] in FINAL_STATES else None
+    return wait_for(final, timeout=timeout, interval=0.05, message="run of workflow %d to end" % wid)
+
+
+def ready_workflow(api, name="wf", title="My demo run", reads=2):
+    wid = api.create(name)
+    assert api.upload(wid, "ref.fa", b">r\nACGT\n").status == 200
+    for i in range(reads):
+        assert api.upload(wid, "s%d.fastq" % i, b"@r\nACGTACGTACGT\n", directory="reads").status == 200
+    resp = api.post("/api/workflows/%d/update" % wid, {"nextflow_workflow": "Hello World (Local)", "nextflow_arguments": {
+        "reference": "ref.fa", "extra_files": ["ref.fa", "reads/s0.fastq"], "reads": "reads/*.fastq",
+        "min_length": 12, "title": title}})
+    assert resp.status == 200, resp
+    return wid
+
+
+@pytest.fixture
+def stand(tmp_path):
+    """A server with a short lease and a factory for workers, all stopped at the end."""
+    srv = ServerProcess(tmp_path, config=write_config(tmp_path, lease_seconds=2)).start()
+    workers = []
+
+    def worker(**kw):
+        w = WorkerProcess(srv, tmp_path, name="worker%d" % len(workers), **kw).start()
+        workers.append(w)
+        return w
+
+    srv.worker = worker
+    try:
+        yield srv
+        for w in workers:
+            w.stop()
+            wait_for(lambda: not processes_with_marker(w.marker), timeout=15, message="worker's processes to exit")
+    finally:
+        for w in workers:
+            w.stop(signal.SIGKILL)
+        srv.stop()
+    assert "Traceback" not in srv.output(), srv.output()
