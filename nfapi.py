@@ -694,7 +694,7 @@ def workflow_update(req, id):
         row = workflow_row(conn, id)
         refuse_if_active(conn, id, "change a workflow")
         name = body.get("nextflow_workflow", row["nextflow_workflow"])
-        if name not in pipelines:
+        if not isinstance(name, str) or name not in pipelines:
             if "nextflow_workflow" in body:
                 raise ApiError(422, "nextflow_workflow", "unknown pipeline (see /api/nextflow-workflows)")
             if given:
@@ -1312,7 +1312,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (ClientGone, ConnectionError, socket.timeout):
             self.close_connection = True
         except Exception:
-            self.log_error("internal error on %s %s\n%s", self.command, self.url_path, traceback.format_exc())
+            sys.stderr.write("internal error on %s %r\n%s" % (self.command, self.path, traceback.format_exc()))
             self.send_api_error(ApiError(500, "general", "internal error"))
         if self.body_left != 0:
             self.close_connection = True
@@ -1389,9 +1389,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_api_error(ApiError(code, "request", message or self.responses.get(code, ("error",))[0]))
 
     def log_message(self, format, *args):
-        if self.app.quiet and not format.startswith("internal error"):
-            return
-        super().log_message(format, *args)
+        if not self.app.quiet:
+            super().log_message(format, *args)
 
 
 class Server(http.server.ThreadingHTTPServer):

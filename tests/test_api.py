@@ -129,8 +129,9 @@ def test_update_pipeline_and_arguments(api):
 
 def test_update_errors_change_nothing(api):
     wid = api.create("u")
-    resp = api.post("/api/workflows/%d/update" % wid, {"nextflow_workflow": "No Such Pipeline"})
-    assert resp.status == 422 and resp.json()["errors"]["nextflow_workflow"]
+    for pipeline in ("No Such Pipeline", ["Hello World (Local)"], {"a": 1}, 5, None):
+        resp = api.post("/api/workflows/%d/update" % wid, {"nextflow_workflow": pipeline})
+        assert resp.status == 422 and resp.json()["errors"]["nextflow_workflow"], (pipeline, resp)
     resp = api.post("/api/workflows/%d/update" % wid, {"nextflow_arguments": {"title": "x"}})
     assert resp.status == 422 and resp.json()["errors"]["nextflow_workflow"]
     api.post("/api/workflows/%d/update" % wid, {"nextflow_workflow": PIPELINE})

@@ -11,7 +11,9 @@ import pytest
 
 from conftest import FAKE_NEXTFLOW, PYTHON, ROOT, ready_workflow
 
-SAMPLES = sorted(glob.glob(os.path.join(ROOT, "..", "shared", "reference", "weblog-samples", "*.json")))
+# Genuine payloads, copied unmodified from ../shared/reference/weblog-samples (provenance in SOURCES.md).
+SAMPLE_DIR = os.path.join(ROOT, "tests", "data", "weblog-samples")
+SAMPLES = sorted(glob.glob(os.path.join(SAMPLE_DIR, "*.json")))
 
 
 def claim(api, worker="test-worker"):
@@ -64,11 +66,11 @@ def test_samples_are_understood(stand):
     api = stand.client()
     wid, launch, target = scheduled_run(api)
     for name in ("icgcrelay-process_submitted.json", "icgcrelay-completed.json"):
-        with open(os.path.join(ROOT, "..", "shared", "reference", "weblog-samples", name), "rb") as f:
+        with open(os.path.join(SAMPLE_DIR, name), "rb") as f:
             assert post(api, target, f.read()).status == 200
     wf = api.get("/api/workflows/%d" % wid).json()["workflow"]
     assert wf["submitted_processes"] == 1 and wf["run"]["cached"] == 0
-    started = json.load(open(os.path.join(ROOT, "..", "shared", "reference", "weblog-samples", "nfweblog-started.json")))
+    started = json.load(open(os.path.join(SAMPLE_DIR, "nfweblog-started.json")))
     post(api, target, started)
     assert api.get("/api/workflows/%d" % wid).json()["workflow"]["run"]["session_id"] == started["runId"]
 
