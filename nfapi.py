@@ -47,11 +47,13 @@ import socket
 import socketserver
 import sqlite3
 import sys
+import tarfile
 import tempfile
 import threading
 import time
 import traceback
 import urllib.parse
+import zipfile
 
 # ==== Limits and constants ====
 
@@ -66,6 +68,7 @@ MAX_PART_HEADER_BYTES = 16 * 1024
 MAX_FORM_FIELD_BYTES = 64 * 1024
 READ_CHUNK = 256 * 1024
 LINGER_SECONDS = 2.0
+LOG_CHUNK_BYTES = 1024 * 1024
 ARG_TYPES = ("path", "paths", "file-glob", "number", "text")
 ACTIVE_RUN_STATES = ("queued", "running")
 FINAL_RUN_STATES = ("succeeded", "failed", "cancelled", "lost")
@@ -572,6 +575,56 @@ def multipart_boundary(content_type):
     return boundary.encode("ascii")
 
 
+# ==== Answers that are not JSON ====
+
+class Body:
+    """An answer's content: headers, a length (None: chunked) and a function that writes it."""
+
+    def __init__(self, headers, length, write):
+        self.headers, self.length, self.write_to = headers, length, write
+
+    @classmethod
+    def json(cls, value):
+        if value is None:
+            return cls({}, 0, lambda handler: None)
+        data = json.dumps(value).encode()
+        return cls({"Content-Type": "application/json"}, len(data), lambda handler: handler.wfile.write(data))
+
+    def write(self, handler):
+        self.write_to(handler)
+
+
+class ChunkedWriter:
+    """A write-only stream that sends HTTP/1.1 chunks of about CHUNK_BYTES (zipfile and tarfile write
+    many small pieces); close() sends the last chunk."""
+
+    CHUNK_BYTES = 256 * 1024
+
+    def __init__(self, wfile):
+        self.wfile = wfile
+        self.pending = []
+        self.size = 0
+
+    def write(self, data):
+        self.pending.append(bytes(data))
+        self.size += len(data)
+        if self.size >= self.CHUNK_BYTES:
+            self.send_pending()
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def send_pending(self):
+        if self.size:
+            self.wfile.write(b"%x\r\n%s\r\n" % (self.size, b"".join(self.pending)))
+            self.pending, self.size = [], 0
+
+    def close(self):
+        self.send_pending()
+        self.wfile.write(b"0\r\n\r\n")
+
+
 # ==== Workflows ====
 
 def workflow_row(conn, workflow_id):
@@ -581,8 +634,9 @@ def workflow_row(conn, workflow_id):
     return row
 
 
-RUN_COLUMNS = ("status", "created_at", "started_at", "finished_at", "exit_code", "error_message", "submitted",
-               "completed", "failed", "cached", "resume", "nextflow_run_name", "session_id")
+RUN_COLUMNS = ("status", "pipeline", "created_at", "started_at", "finished_at", "exit_code", "error_message",
+               "submitted", "completed", "failed", "cached", "resume", "nextflow_run_name", "session_id", "worker",
+               "command")
 WORKFLOW_SELECT = """
     SELECT w.id, w.name, w.nextflow_workflow, w.nextflow_arguments, r.id AS run_id, %s
     FROM workflows w""" % ", ".join("r." + c for c in RUN_COLUMNS) + """
@@ -590,13 +644,18 @@ WORKFLOW_SELECT = """
 """
 
 
+def run_json(row, run_id):
+    """A run as clients see it; the weblog secret is cut out of the command line."""
+    run = {"id": run_id}
+    run.update((column, row[column]) for column in RUN_COLUMNS)
+    run["resume"] = bool(run["resume"])
+    run["command"] = [re.sub(r"&token=[^&]*", "&token=...", arg) for arg in json.loads(row["command"] or "[]")]
+    return run
+
+
 def workflow_json(row):
     """The seed's workflow shape, plus the latest run's `status` and that run as `run`."""
-    run = None
-    if row["run_id"] is not None:
-        run = {"id": row["run_id"]}
-        run.update((column, row[column]) for column in RUN_COLUMNS)
-        run["resume"] = bool(run["resume"])
+    run = None if row["run_id"] is None else run_json(row, row["run_id"])
     return {
         "id": row["id"],
         "name": row["name"],
@@ -654,6 +713,7 @@ def merge_arguments(definitions, stored, given):
 # (status, body): a dict is sent as JSON, None as an empty body.
 
 def workflows_list(req):
+    """List workflows by id; `offset` and `limit` page through them."""
     offset = req.query_int("offset", 0)
     limit = req.query_int("limit", -1)
     with req.db() as conn:
@@ -662,12 +722,14 @@ def workflows_list(req):
 
 
 def workflows_count(req):
+    """Count the workflows."""
     with req.db() as conn:
         count = conn.execute("SELECT count(*) FROM workflows").fetchone()[0]
     return 200, {"count": count}
 
 
 def workflow_create(req):
+    """Create a workflow and its (empty) folder."""
     name = req.json().get("name")
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_LENGTH:
         raise ApiError(422, "name", "must be a string of 1 to %d characters" % MAX_NAME_LENGTH)
@@ -680,11 +742,13 @@ def workflow_create(req):
 
 
 def workflow_get(req, id):
+    """One workflow with its latest run."""
     with req.db() as conn:
         return 200, {"workflow": load_workflow(conn, id)}
 
 
 def workflow_update(req, id):
+    """Choose the pipeline and set argument values (not while a run is active)."""
     body = req.json()
     pipelines = req.app.config["pipelines"]
     given = body.get("nextflow_arguments", {})
@@ -708,6 +772,7 @@ def workflow_update(req, id):
 
 
 def workflow_delete(req, id):
+    """Delete a workflow, its files and its runs (not while a run is active)."""
     with req.db() as conn, write_tx(conn):
         workflow_row(conn, id)
         refuse_if_active(conn, id, "delete a workflow")
@@ -719,6 +784,7 @@ def workflow_delete(req, id):
 
 
 def workflow_files(req, id):
+    """The folders and files in `dir` (default: the workflow folder), sorted."""
     root = req.app.existing_workflow_dir(id)
     folder = resolve(root, req.query_str("dir", ""), "dir")
     try:
@@ -820,6 +886,7 @@ def workflow_path_request(req, id, action):
 
 
 def workflow_delete_path(req, id):
+    """Delete a file or a folder with everything in it."""
     target = workflow_path_request(req, id, "delete")
     if not os.path.lexists(target):
         raise ApiError(404, "path", "no such file or folder")
@@ -828,6 +895,7 @@ def workflow_delete_path(req, id):
 
 
 def workflow_create_folder(req, id):
+    """Create a folder (and its parents)."""
     target = workflow_path_request(req, id, "create")
     try:
         os.makedirs(target, mode=0o700, exist_ok=True)
@@ -1118,11 +1186,210 @@ def worker_heartbeat(req):
                  "gone": [i for i in run_ids if i not in running]}
 
 
+# ==== Runs, logs and downloads ====
+
+def run_row(conn, workflow_id, run_id):
+    """The run `run_id` of the workflow, or its latest run when run_id is None; 404 when there is none."""
+    workflow_row(conn, workflow_id)
+    if run_id is None:
+        row = conn.execute("SELECT * FROM runs WHERE workflow_id = ? ORDER BY id DESC LIMIT 1", (workflow_id,)).fetchone()
+    else:
+        row = conn.execute("SELECT * FROM runs WHERE workflow_id = ? AND id = ?", (workflow_id, run_id)).fetchone()
+    if row is None:
+        raise ApiError(404, "run", "no such run for this workflow")
+    return row
+
+
+def workflow_runs(req, id):
+    """The workflow's runs, newest first."""
+    offset, limit = req.query_int("offset", 0), req.query_int("limit", -1)
+    with req.db() as conn:
+        workflow_row(conn, id)
+        rows = conn.execute("SELECT * FROM runs WHERE workflow_id = ? ORDER BY id DESC LIMIT ? OFFSET ?",
+                            (id, limit, offset)).fetchall()
+    return 200, {"runs": [run_json(row, row["id"]) for row in rows]}
+
+
+def workflow_run(req, id, run_id):
+    """One run of the workflow."""
+    with req.db() as conn:
+        return 200, {"run": run_json(run_row(conn, id, run_id), run_id)}
+
+
+def workflow_run_tasks(req, id, run_id):
+    """The run's tasks as reported by Nextflow's weblog, by task id; `?status=FAILED` filters."""
+    status = req.query_str("status", None)
+    if status is not None and status not in TASK_STATUS_RANK:
+        raise ApiError(422, "status", "must be one of %s" % ", ".join(TASK_STATUS_RANK))
+    offset, limit = req.query_int("offset", 0), req.query_int("limit", -1)
+    with req.db() as conn:
+        run_row(conn, id, run_id)
+        rows = conn.execute("SELECT * FROM tasks WHERE run_id = ? AND (? IS NULL OR status = ?) "
+                            "ORDER BY task_id LIMIT ? OFFSET ?", (run_id, status, status, limit, offset)).fetchall()
+    return 200, {"tasks": [task_json(row) for row in rows]}
+
+
+def task_json(row):
+    task = {key: row[key] for key in ("task_id", "name", "process", "tag", "status", "exit", "attempt", "submit",
+                                      "start", "complete", "workdir")}
+    task["duration"] = row["complete"] - row["submit"] if row["complete"] and row["submit"] else None
+    return task
+
+
+def workflow_log(req, id):
+    """A run's console output (or `file=nextflow`: its .nextflow.log) as text from byte `offset`.
+
+    `X-Next-Offset` says where to continue and `X-Run-Status` whether more may come, so a client
+    can follow a live run: ask again from X-Next-Offset until the status is final.
+    """
+    which = req.query_str("file", "console")
+    if which not in ("console", "nextflow"):
+        raise ApiError(422, "file", "must be console or nextflow")
+    offset = req.query_int("offset", 0)
+    with req.db() as conn:
+        run = run_row(conn, id, req.query_int("run", None))
+    path = run_log_path(req.app, run, which)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if offset > size:
+                raise ApiError(416, "offset", "the log has only %d bytes" % size)
+            f.seek(offset)
+            data = f.read(LOG_CHUNK_BYTES)
+    except FileNotFoundError:
+        if offset:
+            raise ApiError(416, "offset", "the log is empty")
+        data, size = b"", 0
+    return 200, Body({"Content-Type": "text/plain; charset=utf-8", "X-Next-Offset": str(offset + len(data)),
+                      "X-Log-Size": str(size), "X-Run-Status": run["status"], "X-Run-Id": str(run["id"])},
+                     len(data), lambda handler: handler.wfile.write(data))
+
+
+def run_log_path(app, run, which):
+    if which == "console":
+        return os.path.join(app.run_dir(run["id"]), "console.log")
+    # The worker keeps each run's .nextflow.log in the run folder when nextflow ends; until then
+    # the live one is in the launch folder.
+    kept = os.path.join(app.run_dir(run["id"]), "nextflow.log")
+    if run["status"] != "running" or os.path.exists(kept):
+        return kept
+    return os.path.join(app.launch_dir(run["workflow_id"]), ".nextflow.log")
+
+
+def workflow_download(req, id):
+    """A file (zero-copy with sendfile, single Range requests, ETag) or a folder as a streamed archive."""
+    root = req.app.existing_workflow_dir(id)
+    target = resolve(root, req.query_str("path", ""), "path")
+    if os.path.isdir(target):
+        return folder_archive(req, root, target, req.query_str("format", "zip"))
+    try:
+        f = open(target, "rb")
+    except FileNotFoundError:
+        raise ApiError(404, "path", "no such file or folder")
+    try:
+        return file_download(req, f, os.path.basename(target))
+    except BaseException:
+        f.close()
+        raise
+
+
+def file_download(req, f, name):
+    st = os.fstat(f.fileno())
+    etag = '"%x-%x"' % (st.st_mtime_ns, st.st_size)
+    headers = {"Content-Type": "application/octet-stream", "Content-Disposition": attachment(name), "ETag": etag,
+               "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True), "Accept-Ranges": "bytes"}
+    if req.headers.get("If-None-Match") == etag:
+        f.close()
+        return 304, Body(headers, 0, lambda handler: None)
+    status, start, length = 200, 0, st.st_size
+    wanted = byte_range(req.headers.get("Range"), st.st_size)
+    if wanted:
+        start, end = wanted
+        status, length = 206, end - start + 1
+        headers["Content-Range"] = "bytes %d-%d/%d" % (start, end, st.st_size)
+
+    def send(handler):
+        with f:
+            handler.wfile.flush()
+            handler.connection.sendfile(f, start, length)
+    return status, Body(headers, length, send)
+
+
+def byte_range(header, size):
+    """The (first, last) byte of a single `Range: bytes=...` (RFC 9110 14.2), None to send it all.
+
+    Several ranges or a malformed header are ignored (allowed by the RFC); an unsatisfiable one is 416.
+    """
+    m = re.fullmatch(r"\s*bytes\s*=\s*([0-9]{0,18})\s*-\s*([0-9]{0,18})\s*", header or "")
+    if not m or m.group(1) == m.group(2) == "":
+        return None
+    first, last = m.groups()
+    if first == "":
+        start, end = max(0, size - int(last)), size - 1
+        if int(last) == 0:
+            start = size
+    else:
+        start, end = int(first), min(int(last), size - 1) if last else size - 1
+        if last and int(last) < start:
+            return None
+    if start >= size:
+        raise ApiError(416, "Range", "the file has %d bytes" % size, {"Content-Range": "bytes */%d" % size})
+    return start, end
+
+
+def attachment(name):
+    """Content-Disposition with an ASCII fallback and the exact UTF-8 name (RFC 6266, RFC 8187)."""
+    fallback = re.sub(r'[^\x20-\x7e]|["\\]', "_", name)
+    return "attachment; filename=\"%s\"; filename*=UTF-8''%s" % (fallback, urllib.parse.quote(name, safe=""))
+
+
+def folder_archive(req, root, folder, fmt):
+    """Stream a folder as zip or tar.gz while walking it: nothing is built in memory or on disk.
+    Symlinks are left out, so nothing outside the workflow folder can end up in the archive."""
+    if fmt not in ("zip", "tar.gz"):
+        raise ApiError(422, "format", "must be zip or tar.gz")
+    base = os.path.basename(folder) if os.path.realpath(folder) != os.path.realpath(root) else "workflow-%s" % os.path.basename(root)
+    headers = {"Content-Type": "application/zip" if fmt == "zip" else "application/gzip",
+               "Content-Disposition": attachment("%s.%s" % (base, fmt))}
+
+    def send(handler):
+        out = ChunkedWriter(handler.wfile)
+        if fmt == "zip":
+            with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for path, name in archive_entries(folder, base):
+                    archive.write(path, name)
+        else:
+            with tarfile.open(fileobj=out, mode="w|gz") as archive:
+                for path, name in archive_entries(folder, base):
+                    archive.add(path, name, recursive=False)
+        out.close()
+    return 200, Body(headers, None, send)
+
+
+def archive_entries(folder, base):
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(parent, d)))
+        relative = os.path.relpath(parent, folder)
+        prefix = base if relative == "." else posixpath.join(base, relative)
+        yield parent, prefix + "/"
+        for name in sorted(files):
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):
+                yield path, posixpath.join(prefix, name)
+
+
+def openapi_json(req):
+    """This API as an OpenAPI 3.1 document."""
+    return 200, OPENAPI
+
+
 def pipelines_list(req):
+    """The configured pipelines' names, sorted."""
     return 200, {"nextflow_workflows": sorted(req.app.config["pipelines"])}
 
 
 def pipeline_arguments(req, name):
+    """A pipeline's dynamic arguments as configured."""
     pipeline = req.app.config["pipelines"].get(name)
     if pipeline is None:
         raise ApiError(404, "nextflow_workflow", "no pipeline named %r" % name)
@@ -1147,11 +1414,17 @@ ROUTES = [
     ("POST", "/api/workflows/<int:id>/cancel", workflow_cancel),
     ("POST", "/api/workflows/<int:id>/finished", workflow_finished),
     ("POST", "/api/workflows/<int:id>/nextflow-log", workflow_nextflow_log),
+    ("GET", "/api/workflows/<int:id>/runs", workflow_runs),
+    ("GET", "/api/workflows/<int:id>/runs/<int:run_id>", workflow_run),
+    ("GET", "/api/workflows/<int:id>/runs/<int:run_id>/tasks", workflow_run_tasks),
+    ("GET", "/api/workflows/<int:id>/log", workflow_log),
+    ("GET", "/api/workflows/<int:id>/download", workflow_download),
     ("GET", "/api/nextflow-workflows", pipelines_list),
     ("GET", "/api/nextflow-workflows/<name>/arguments", pipeline_arguments),
     ("POST", "/api/worker/claim", worker_claim),
     ("POST", "/api/worker/heartbeat", worker_heartbeat),
     ("POST", "/api/worker/release", worker_release),
+    ("GET", "/api/openapi.json", openapi_json),
 ]
 
 
@@ -1162,6 +1435,145 @@ def compile_route(pattern):
 
 
 COMPILED_ROUTES = [(method, compile_route(pattern), handler) for method, pattern, handler in ROUTES]
+INT_PARAMS = {name for _, pattern, _ in ROUTES for name in re.findall(r"<int:(\w+)>", pattern)}
+
+
+# ==== OpenAPI ====
+# One entry per handler: (query parameters, request body, success answer). The document is built
+# from ROUTES and this table; a test checks that both list the same routes and that every answer
+# the test suite sees validates against it.
+
+def ref(name):
+    return {"$ref": "#/components/schemas/" + name}
+
+
+def obj(required=(), **properties):
+    return {"type": "object", "required": list(required), "properties": properties}
+
+
+def nullable(schema):
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def array(items):
+    return {"type": "array", "items": items}
+
+
+STR, INT, NUM, BOOL = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+EMPTY_OBJECT = {"type": "object", "maxProperties": 0}
+RUN_STATES = list(ACTIVE_RUN_STATES + FINAL_RUN_STATES)
+
+SCHEMAS = {
+    "Errors": obj(["errors"], errors={"type": "object", "additionalProperties": array(STR)}),
+    "Argument": obj(["type", "desc", "value"], type={"enum": list(ARG_TYPES)}, desc=STR, value={},
+                    selectable_files=BOOL, selectable_folders=BOOL, is_multiline=BOOL),
+    "Run": obj(RUN_COLUMNS + ("id",), id=INT, status={"enum": RUN_STATES}, pipeline=STR, created_at=NUM,
+               started_at=nullable(NUM), finished_at=nullable(NUM), exit_code=nullable(INT),
+               error_message=nullable(STR), submitted=INT, completed=INT, failed=INT, cached=nullable(INT),
+               resume=BOOL, nextflow_run_name=nullable(STR), session_id=nullable(STR), worker=nullable(STR),
+               command=array(STR)),
+    "Workflow": obj(["id", "name", "nextflow_arguments", "nextflow_workflow", "submitted_processes",
+                     "completed_processes", "is_scheduled", "status", "run"],
+                    id=INT, name=STR, nextflow_arguments={"type": "object", "additionalProperties": ref("Argument")},
+                    nextflow_workflow=STR, submitted_processes=INT, completed_processes=INT, is_scheduled=BOOL,
+                    status=nullable({"enum": RUN_STATES}), run=nullable(ref("Run"))),
+    "Task": obj(["task_id", "name", "process", "tag", "status", "exit", "attempt", "submit", "start", "complete",
+                 "duration", "workdir"], task_id=INT, name=nullable(STR), process=nullable(STR), tag=nullable(STR),
+                status={"enum": list(TASK_STATUS_RANK)}, exit=nullable(INT), attempt=nullable(INT),
+                submit=nullable(INT), start=nullable(INT), complete=nullable(INT), duration=nullable(INT),
+                workdir=nullable(STR)),
+    "Launch": obj(["run_id", "workflow_id", "argv", "cwd", "params", "params_file", "run_dir", "console_log",
+                   "lease_seconds"], run_id=INT, workflow_id=INT, argv=array(STR), cwd=STR, params={"type": "object"},
+                  params_file=STR, run_dir=STR, console_log=STR, lease_seconds=NUM),
+}
+
+QUERY = {
+    "offset": dict(INT, minimum=0), "limit": dict(INT, minimum=0), "dir": STR, "path": STR, "run": INT,
+    "token": STR, "status": {"enum": list(TASK_STATUS_RANK)}, "file": {"enum": ["console", "nextflow"]},
+    "format": {"enum": ["zip", "tar.gz"]},
+}
+PATH_ARGS = {"id": INT, "run_id": INT, "name": STR}
+TEXT, BINARY, NO_CONTENT = "text", "binary", "empty"
+
+DOCS = {
+    workflows_list: (["offset", "limit"], None, obj(["workflows"], workflows=array(ref("Workflow")))),
+    workflows_count: ([], None, obj(["count"], count=INT)),
+    workflow_create: ([], obj(["name"], name=dict(STR, minLength=1, maxLength=MAX_NAME_LENGTH)),
+                      obj(["workflow"], workflow=ref("Workflow"))),
+    workflow_get: ([], None, obj(["workflow"], workflow=ref("Workflow"))),
+    workflow_update: ([], obj(nextflow_workflow=STR, nextflow_arguments={"type": "object"}), EMPTY_OBJECT),
+    workflow_delete: ([], None, EMPTY_OBJECT),
+    workflow_files: (["dir"], None, obj(["folders", "files"], folders=array(STR), files=array(STR))),
+    workflow_upload_file: ([], "multipart", obj(["directory", "file"], directory=STR, file=STR)),
+    workflow_delete_path: ([], obj(["path"], path=STR), NO_CONTENT),
+    workflow_create_folder: ([], obj(["path"], path=STR), NO_CONTENT),
+    workflow_schedule: ([], obj(resume=BOOL), obj(["is_scheduled"], is_scheduled=BOOL)),
+    workflow_cancel: ([], None, obj(["workflow"], workflow=ref("Workflow"))),
+    workflow_finished: ([], obj(["run_id"], run_id=INT, exit_code=nullable(INT), error=nullable(STR),
+                                cancelled=BOOL, worker=STR), NO_CONTENT),
+    workflow_nextflow_log: (["run", "token"], {"type": "object"}, NO_CONTENT),
+    workflow_runs: (["offset", "limit"], None, obj(["runs"], runs=array(ref("Run")))),
+    workflow_run: ([], None, obj(["run"], run=ref("Run"))),
+    workflow_run_tasks: (["status", "offset", "limit"], None, obj(["tasks"], tasks=array(ref("Task")))),
+    workflow_log: (["run", "offset", "file"], None, TEXT),
+    workflow_download: (["path", "format"], None, BINARY),
+    pipelines_list: ([], None, obj(["nextflow_workflows"], nextflow_workflows=array(STR))),
+    pipeline_arguments: ([], None, obj(["arguments"], arguments={"type": "object", "additionalProperties": ref("Argument")})),
+    worker_claim: ([], obj(["worker"], worker=STR, wait=NUM), obj(["run"], run=nullable(ref("Launch")))),
+    worker_heartbeat: ([], obj(["worker", "runs"], worker=STR, runs=array(INT)),
+                       obj(["cancel", "gone"], cancel=array(INT), gone=array(INT))),
+    worker_release: ([], obj(["worker", "run_id"], worker=STR, run_id=INT), EMPTY_OBJECT),
+    openapi_json: ([], None, {"type": "object"}),
+}
+
+
+def openapi_document():
+    paths = {}
+    for method, pattern, handler in ROUTES:
+        path = re.sub(r"<(?:int:)?(\w+)>", r"{\1}", pattern)
+        paths.setdefault(path, {})[method.lower()] = openapi_operation(handler, re.findall(r"<(?:int:)?(\w+)>", pattern))
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "nfapi", "version": "1", "description": "Run Nextflow pipelines over HTTP."},
+        "security": [{"apiToken": []}],
+        "paths": paths,
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
+            "apiToken": {"type": "http", "scheme": "bearer"},
+            "runSecret": {"type": "apiKey", "in": "query", "name": "token"},
+            "runBasic": {"type": "http", "scheme": "basic"}}},
+    }
+
+
+def openapi_operation(handler, path_args):
+    query, request, answer = DOCS[handler]
+    operation = {"operationId": handler.__name__, "summary": (handler.__doc__ or handler.__name__).split("\n")[0],
+                 "parameters": [{"name": n, "in": "path", "required": True, "schema": PATH_ARGS[n]} for n in path_args]
+                 + [{"name": n, "in": "query", "schema": QUERY[n]} for n in query],
+                 "responses": {"default": {"description": "an error", "content": {
+                     "application/json": {"schema": ref("Errors")}}}}}
+    if request == "multipart":
+        operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": obj(
+            ["file"], file={"type": "string", "contentMediaType": "application/octet-stream"}, directory=STR)}}}
+    elif request is not None:
+        operation["requestBody"] = {"content": {"application/json": {"schema": request}}}
+    if answer == NO_CONTENT:
+        operation["responses"]["200"] = {"description": "done (empty body)"}
+    elif answer == TEXT:
+        operation["responses"]["200"] = {"description": "text from `offset`", "content": {"text/plain": {"schema": STR}}}
+    elif answer == BINARY:
+        binary = {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}
+        operation["responses"].update({"200": {"description": "the file, or the folder as an archive", "content": {
+            "application/octet-stream": binary, "application/zip": binary, "application/gzip": binary}},
+            "206": {"description": "the requested range", "content": {"application/octet-stream": binary}},
+            "304": {"description": "not modified (If-None-Match)"}})
+    else:
+        operation["responses"]["200"] = {"description": "success", "content": {"application/json": {"schema": answer}}}
+    if getattr(handler, "run_secret_auth", False):
+        operation["security"] = [{"runSecret": []}, {"runBasic": []}]
+    return operation
+
+
+OPENAPI = openapi_document()
 
 
 def match_route(method, path):
@@ -1181,7 +1593,7 @@ def match_route(method, path):
 
 
 def convert_param(key, value):
-    if key == "id":
+    if key in INT_PARAMS:
         return int(value)
     try:
         return urllib.parse.unquote(value, errors="strict")
@@ -1364,18 +1776,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- answers --
 
     def send_answer(self, status, body, headers=None):
-        data = b"" if body is None else json.dumps(body).encode()
+        """Send `body`: a dict as JSON, None as nothing, a Body as its own content."""
+        if not isinstance(body, Body):
+            body = Body.json(body)
         self.send_response(status)
-        if body is not None:
-            self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
+        for key, value in dict(body.headers, **(headers or {})).items():
             self.send_header(key, value)
+        if body.length is None:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(body.length))
         if self.body_left != 0 or self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(data)
+            body.write(self)
 
     def send_api_error(self, error):
         try:

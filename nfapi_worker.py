@@ -100,6 +100,13 @@ def write_private(path, data):
     os.replace(temp, path)
 
 
+def keep_nextflow_log(launch):
+    """Copy .nextflow.log into the run folder: nextflow rolls it away at the workflow's next run."""
+    with contextlib.suppress(OSError):
+        with open(os.path.join(launch["cwd"], ".nextflow.log"), "rb") as f:
+            write_private(os.path.join(launch["run_dir"], "nextflow.log"), f.read())
+
+
 def console_tail(path):
     try:
         with open(path, "rb") as f:
@@ -150,6 +157,7 @@ class RunProcess(threading.Thread):
         log("run %d: started %s (pid %d)", self.run_id, self.worker.nextflow, self.proc.pid)
         exit_code = self.proc.wait()
         self.kill_group()  # tasks that outlived nextflow
+        keep_nextflow_log(launch)
         log("run %d: nextflow exited with %d", self.run_id, exit_code)
         return exit_code, None if exit_code == 0 else console_tail(launch["console_log"])
 

@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import re
 import os
 import signal
 import subprocess
@@ -26,6 +27,49 @@ def wait_for(predicate, timeout=10.0, interval=0.02, message="condition"):
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for %s" % message)
         time.sleep(interval)
+
+
+def openapi_validators():
+    """jsonschema validators for the success answer of each (method, path regex), from nfapi.OPENAPI."""
+    import jsonschema
+    import nfapi
+    spec = nfapi.OPENAPI
+
+    def validator(schema):
+        return jsonschema.Draft202012Validator(dict(schema, components=spec["components"]))
+    table = []
+    for path, operations in spec["paths"].items():
+        regex = re.compile(re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(path)) + r"\Z")
+        for method, operation in operations.items():
+            table.append((method.upper(), regex, operation["responses"]))
+    return table, validator(spec["components"]["schemas"]["Errors"]), validator
+
+
+OPENAPI_TABLE = None
+
+
+def check_against_openapi(method, path, status, headers, body):
+    """Every answer the tests see must match the OpenAPI document the server publishes."""
+    global OPENAPI_TABLE
+    if OPENAPI_TABLE is None:
+        OPENAPI_TABLE = openapi_validators()
+    table, errors, validator = OPENAPI_TABLE
+    path = path.split("?")[0]
+    if status >= 400:
+        assert headers.get("Content-Type") == "application/json", (method, path, status)
+        errors.validate(json.loads(body))
+        return
+    operation = next((responses for m, regex, responses in table if m == method and regex.match(path)), None)
+    assert operation is not None, "%s %s answered %d but is not in the OpenAPI document" % (method, path, status)
+    assert str(status) in operation, "%s %s: status %d is not documented" % (method, path, status)
+    content = operation[str(status)].get("content")
+    if content is None:
+        assert body == b"", (method, path, body[:100])
+        return
+    ctype = headers.get("Content-Type", "").split(";")[0]
+    assert ctype in content, (method, path, ctype)
+    if ctype == "application/json":
+        validator(content[ctype]["schema"]).validate(json.loads(body))
 
 
 class Response:
@@ -65,6 +109,8 @@ class Client:
         data = resp.read()
         if resp.getheader("Connection", "").lower() == "close":
             self.conn.close()
+        if resp.status != 401 and method != "HEAD":  # a 401 is the one answer the document leaves to the security schemes
+            check_against_openapi(method, path, resp.status, resp.headers, data)
         return Response(resp.status, resp.headers, data)
 
     def get(self, path, **kw):
