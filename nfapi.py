@@ -32,6 +32,7 @@ import contextlib
 import email.message
 import email.utils
 import errno
+import glob
 import hmac
 import http.server
 import json
@@ -69,7 +70,7 @@ MAX_FORM_FIELD_BYTES = 64 * 1024
 READ_CHUNK = 256 * 1024
 LINGER_SECONDS = 2.0
 LOG_CHUNK_BYTES = 1024 * 1024
-ARG_TYPES = ("path", "paths", "file-glob", "number", "text")
+ARG_TYPES = ("path", "paths", "file-glob", "number", "text", "boolean", "select")
 ACTIVE_RUN_STATES = ("queued", "running")
 FINAL_RUN_STATES = ("succeeded", "failed", "cancelled", "lost")
 MAX_CLAIM_WAIT = 30
@@ -112,12 +113,23 @@ class ConfigError(Exception):
 
 # ==== Configuration ====
 
+# Keys an argument may have besides type, desc and value: for every type, then by type.
+COMMON_ARG_KEYS = {"required", "help_text", "group", "hidden"}
 ARG_KEYS = {
-    "path": {"selectable_files", "selectable_folders"},
-    "paths": {"selectable_files", "selectable_folders"},
+    "path": {"selectable_files", "selectable_folders", "exists", "pattern"},
+    "paths": {"selectable_files", "selectable_folders", "exists", "pattern"},
     "file-glob": set(),
-    "number": set(),
-    "text": {"is_multiline"},
+    "number": {"integer", "minimum", "maximum"},
+    "text": {"is_multiline", "pattern", "min_length", "max_length"},
+    "boolean": set(),
+    "select": {"options"},
+}
+# nextflow_schema.json `format` of a string parameter -> (argument type, files selectable, folders selectable)
+SCHEMA_FORMATS = {
+    "file-path": ("path", True, False),
+    "directory-path": ("path", False, True),
+    "path": ("path", True, True),
+    "file-path-pattern": ("file-glob", None, None),
 }
 
 
@@ -156,7 +168,7 @@ def expect(value, kind, where, description):
 
 def load_pipeline(spec, base, where):
     expect(spec, dict, where, "an object")
-    known = {"directory", "script", "pipeline", "revision", "nextflow_parameters", "args"}
+    known = {"directory", "script", "pipeline", "revision", "nextflow_parameters", "args", "schema", "include_hidden"}
     for key in spec:
         if key not in known:
             raise ConfigError(where + [key], "unknown key (known: %s)" % ", ".join(sorted(known)))
@@ -193,20 +205,64 @@ def load_pipeline(spec, base, where):
         expect(group, dict, where + ["args", kind], "an object of arguments by name")
         pipeline[kind] = {name: load_argument(arg, where + ["args", kind, name], kind == "static")
                           for name, arg in group.items()}
+    schema = pipeline_schema_path(spec, pipeline, base, where)
+    if schema:
+        include_hidden = spec.get("include_hidden", False)
+        expect(include_hidden, bool, where + ["include_hidden"], "true or false")
+        from_schema = load_schema(schema, where, include_hidden)
+        # The configuration overrides or extends the schema; a static argument is not asked for.
+        pipeline["dynamic"] = dict(from_schema, **pipeline["dynamic"])
+        for name in pipeline["static"]:
+            pipeline["dynamic"].pop(name, None)
+        pipeline["schema"] = schema
     return pipeline
 
 
+def pipeline_schema_path(spec, pipeline, base, where):
+    """`schema` relative to the pipeline's folder (or the config's, for a remote pipeline); else a
+    nextflow_schema.json beside a local pipeline's script."""
+    folder = pipeline.get("directory", base)
+    if "schema" in spec:
+        expect(spec["schema"], str, where + ["schema"], "a path to a nextflow_schema.json")
+        path = os.path.join(folder, spec["schema"])
+        if not os.path.isfile(path):
+            raise ConfigError(where + ["schema"], "no such file: %s" % path)
+        return path
+    found = os.path.join(folder, "nextflow_schema.json")
+    return found if "directory" in pipeline and os.path.isfile(found) else None
+
+
 def load_argument(arg, where, needs_value):
+    """An argument as configured: its definition with defaults filled in, checked key by key."""
     expect(arg, dict, where, "an object with `type`")
     kind = arg.get("type")
     if kind not in ARG_TYPES:
         raise ConfigError(where + ["type"], "must be one of %s" % ", ".join(ARG_TYPES))
-    known = {"type", "desc", "value"} | ARG_KEYS[kind]
+    known = {"type", "desc", "value"} | COMMON_ARG_KEYS | ARG_KEYS[kind]
     for key in arg:
         if key not in known:
             raise ConfigError(where + [key], "unknown key for a %s argument (known: %s)" % (kind, ", ".join(sorted(known))))
-    definition = {"type": kind, "desc": arg.get("desc", ""), "value": arg.get("value")}
-    definition.update((key, arg[key]) for key in ARG_KEYS[kind] if key in arg)
+    definition = {"type": kind, "desc": arg.get("desc", ""), "value": arg.get("value"), "required": True}
+    if kind in ("path", "paths"):
+        definition.update(selectable_files=True, selectable_folders=False, exists=True)
+    definition.update((key, arg[key]) for key in known if key in arg and key not in ("type", "desc", "value"))
+    return check_definition(definition, where, needs_value)
+
+
+def check_definition(definition, where, needs_value=False):
+    kinds = {"required": bool, "hidden": bool, "help_text": str, "group": str, "selectable_files": bool,
+             "selectable_folders": bool, "exists": bool, "is_multiline": bool, "integer": bool, "options": list,
+             "pattern": str, "minimum": (int, float), "maximum": (int, float), "min_length": int, "max_length": int}
+    for key, kind in kinds.items():
+        if key in definition and (not isinstance(definition[key], kind) or isinstance(definition[key], bool) and kind is not bool):
+            raise ConfigError(where + [key], "has the wrong type")
+    if definition["type"] == "select" and not definition.get("options"):
+        raise ConfigError(where + ["options"], "a select argument needs a list of options")
+    if "pattern" in definition:
+        try:
+            re.compile(definition["pattern"])
+        except re.error as e:
+            raise ConfigError(where + ["pattern"], "not a valid regular expression: %s" % e)
     problem = argument_value_problem(definition, definition["value"])
     if problem:
         raise ConfigError(where + ["value"], problem)
@@ -225,18 +281,125 @@ def argument_value_problem(definition, value):
         return None
     kind = definition["type"]
     if kind == "number":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return "must be a number"
-        return None
+        return number_problem(definition, value)
+    if kind == "boolean":
+        return None if isinstance(value, bool) else "must be true or false"
+    if kind == "select":
+        return None if value in definition["options"] and not isinstance(value, (list, dict)) else \
+            "must be one of %s" % ", ".join(json.dumps(o) for o in definition["options"])
     if kind == "paths":
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             return "must be a list of paths"
-        return next(filter(None, (relative_path_problem(v) for v in value)), None)
+        return next(filter(None, (string_problem(definition, v) for v in value)), None)
     if not isinstance(value, str):
         return "must be a string"
-    if kind in ("path", "file-glob"):
-        return relative_path_problem(value)
+    return string_problem(definition, value)
+
+
+def number_problem(definition, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "must be a number"
+    if definition.get("integer") and not isinstance(value, int):
+        return "must be a whole number"
+    if "minimum" in definition and value < definition["minimum"]:
+        return "must be at least %s" % definition["minimum"]
+    if "maximum" in definition and value > definition["maximum"]:
+        return "must be at most %s" % definition["maximum"]
     return None
+
+
+def string_problem(definition, value):
+    if definition["type"] in ("path", "paths", "file-glob"):
+        problem = relative_path_problem(value)
+        if problem:
+            return problem
+    if "pattern" in definition and not re.search(definition["pattern"], value):
+        return "must match the pattern %s" % definition["pattern"]
+    if len(value) < definition.get("min_length", 0):
+        return "must be at least %d characters" % definition["min_length"]
+    if len(value) > definition.get("max_length", len(value)):
+        return "must be at most %d characters" % definition["max_length"]
+    return None
+
+
+# ==== nextflow_schema.json ====
+
+def load_schema(path, where, include_hidden):
+    """The dynamic arguments a nextflow_schema.json describes (nf-schema 2020-12 `$defs` or
+    nf-validation draft-07 `definitions`, groups brought in by `allOf`, plus top-level `properties`)."""
+    where = where + ["schema"]
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as e:
+        raise ConfigError(where, "cannot read %s: %s" % (path, e.strerror))
+    except ValueError as e:
+        raise ConfigError(where, "%s is not valid JSON: %s" % (path, e))
+    expect(schema, dict, where, "a JSON object (%s)" % path)
+    arguments = {}
+    for group_title, properties, required in schema_groups(schema, where):
+        for name, prop in properties.items():
+            definition = schema_argument(prop, group_title, name in required, where + [name])
+            if definition and (include_hidden or not definition.get("hidden")):
+                arguments[name] = definition
+    return arguments
+
+
+def schema_groups(schema, where):
+    """(group title, properties, required names) in the schema's order."""
+    defs_key = "$defs" if "$defs" in schema else "definitions"
+    defs = schema.get(defs_key, {})
+    expect(defs, dict, where + [defs_key], "an object of groups")
+    refs = [item.get("$ref") if isinstance(item, dict) else None for item in schema.get("allOf", [])]
+    names = [ref.split("/")[-1] for ref in refs if isinstance(ref, str)] if refs else list(defs)
+    groups = []
+    for name in names:
+        group = defs.get(name)
+        if not isinstance(group, dict):
+            raise ConfigError(where + ["allOf"], "refers to a group %r that is not in %s" % (name, defs_key))
+        groups.append((group.get("title", name), group.get("properties", {}), group.get("required", [])))
+    groups.append((None, schema.get("properties", {}), schema.get("required", [])))
+    for title, properties, required in groups:
+        expect(properties, dict, where + ["properties"], "an object")
+        expect(required, list, where + ["required"], "a list")
+    return groups
+
+
+def schema_argument(prop, group, required, where):
+    """One schema parameter as an argument definition; None for types a form cannot hold (object, array)."""
+    expect(prop, dict, where, "an object")
+    kind, fmt = prop.get("type", "string"), prop.get("format")
+    definition = {"desc": prop.get("description", ""), "required": required}
+    if "enum" in prop:
+        expect(prop["enum"], list, where + ["enum"], "a list")
+        definition.update(type="select", options=prop["enum"])
+    elif kind == "boolean":
+        definition["type"] = "boolean"
+    elif kind in ("integer", "number"):
+        definition.update(type="number", integer=kind == "integer")
+        definition.update((key, prop[key]) for key in ("minimum", "maximum") if key in prop)
+    elif kind == "string" and fmt in SCHEMA_FORMATS:
+        arg_type, files, folders = SCHEMA_FORMATS[fmt]
+        definition["type"] = arg_type
+        if arg_type == "path":
+            definition.update(selectable_files=files, selectable_folders=folders, exists=prop.get("exists") is True)
+    elif kind == "string":
+        definition.update(type="text", is_multiline=False)
+        definition.update((new, prop[old]) for old, new in (("minLength", "min_length"), ("maxLength", "max_length"))
+                          if old in prop)
+    else:
+        return None
+    if "pattern" in prop and definition["type"] in ("path", "text"):
+        definition["pattern"] = prop["pattern"]
+    definition.update((key, prop[key]) for key in ("help_text", "hidden") if key in prop)
+    if group:
+        definition["group"] = group
+    # A default that is not a value of the argument (an s3:// or absolute path, say) stays the
+    # pipeline's own: nfapi leaves the parameter out of the params file.
+    definition["value"] = prop.get("default")
+    if argument_value_problem(definition, definition["value"]):
+        definition["value"] = None
+    return check_definition(definition, where)
 
 
 # ==== Database ====
@@ -385,6 +548,8 @@ def relative_path_problem(path):
         return "must not contain backslashes"
     if path.startswith("/") and path.strip("/"):
         return "must be relative to the workflow folder"
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path):
+        return "must be a path in the workflow folder, not a URL"
     if ".." in path.split("/"):
         return "must not contain '..'"
     return None
@@ -405,10 +570,13 @@ def resolve(root, path, field):
     parts = [p for p in path.split("/") if p not in ("", ".")]
     real_root = os.path.realpath(root)
     target = os.path.join(real_root, *parts)
-    real = os.path.realpath(target)
-    if real != real_root and not real.startswith(real_root + os.sep):
+    if not inside(real_root, os.path.realpath(target)):
         raise ApiError(422, field, "leaves the workflow folder")
     return target
+
+
+def inside(real_root, real_path):
+    return real_path == real_root or real_path.startswith(real_root + os.sep)
 
 
 def check_file_name(name):
@@ -909,26 +1077,81 @@ def workflow_schedule(req, id):
     resume = req.json().get("resume", False)
     if not isinstance(resume, bool):
         raise ApiError(422, "resume", "must be true or false")
-    pipelines = req.app.config["pipelines"]
-    root = req.app.workflow_dir(id)
     with req.db() as conn, write_tx(conn):
-        row = workflow_row(conn, id)
         refuse_if_active(conn, id, "schedule a workflow")
-        name = row["nextflow_workflow"]
-        if name not in pipelines:
-            raise ApiError(422, "nextflow_workflow", "choose a pipeline first")
-        arguments = merge_arguments(pipelines[name]["dynamic"], json.loads(row["nextflow_arguments"]), {})
-        missing = {arg: ["cannot be empty"] for arg, d in arguments.items() if is_empty(d["value"])}
-        if missing:
-            raise ApiError.of(422, missing)
-        params = nextflow_params(pipelines[name], arguments, root)
-        session = resume_session(conn, id) if resume else None
+        name, arguments, params, session = prepare_run(req.app, conn, id, resume)
         conn.execute("INSERT INTO runs (workflow_id, status, pipeline, arguments, params, resume, resume_session, "
                      "secret, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
                      (id, name, json.dumps(arguments), json.dumps(params), int(resume), session,
                       secrets.token_urlsafe(24), time.time()))
     req.app.announce_work()
     return 200, {"is_scheduled": True}
+
+
+def workflow_command(req, id):
+    """The exact argv and params file the worker would run if the workflow were scheduled now.
+
+    Nothing runs. Only the run's id and weblog secret are not known yet: they show as `<run id>`
+    and `<secret>`. 422 with the same errors as `schedule` when it could not be scheduled.
+    """
+    resume = req.query_bool("resume")
+    with req.db() as conn:
+        name, arguments, params, session = prepare_run(req.app, conn, id, resume)
+    run = {"id": "<run id>", "workflow_id": id, "secret": "<secret>", "params": json.dumps(params),
+           "resume_session": session}
+    launch = launch_spec(req.app, run, req.app.config["pipelines"][name], weblog_host(req))
+    return 200, {key: launch[key] for key in ("argv", "cwd", "params", "params_file")}
+
+
+def prepare_run(app, conn, workflow_id, resume):
+    """Everything a new run needs, checked: (pipeline name, arguments, params, session to resume).
+    Raises 422 with one message per argument that is missing, invalid or not on disk."""
+    row = workflow_row(conn, workflow_id)
+    name = row["nextflow_workflow"]
+    pipeline = app.config["pipelines"].get(name)
+    if pipeline is None:
+        raise ApiError(422, "nextflow_workflow", "choose a pipeline first")
+    arguments = merge_arguments(pipeline["dynamic"], json.loads(row["nextflow_arguments"]), {})
+    root = app.workflow_dir(workflow_id)
+    errors = {arg: [problem] for arg, problem in
+              ((arg, launch_problem(definition, root, arg)) for arg, definition in arguments.items()) if problem}
+    if errors:
+        raise ApiError.of(422, errors)
+    session = resume_session(conn, workflow_id) if resume else None
+    return name, arguments, nextflow_params(pipeline, arguments, root), session
+
+
+def launch_problem(definition, root, name):
+    """Why an argument cannot be launched with as it is: empty but required, invalid, or (paths and
+    patterns) not what is on disk."""
+    value = definition["value"]
+    if is_empty(value):
+        return "cannot be empty" if definition.get("required") else None
+    problem = argument_value_problem(definition, value)
+    if problem:
+        return problem
+    try:
+        if definition["type"] in ("path", "paths"):
+            return next(filter(None, (disk_path_problem(definition, root, v, name)
+                                      for v in (value if isinstance(value, list) else [value]))), None)
+        if definition["type"] == "file-glob":
+            real_root = os.path.realpath(root)
+            matches = [m for m in glob.glob(resolve(root, value, name)) if inside(real_root, os.path.realpath(m))]
+            return None if matches else "matches no file in the workflow folder"
+    except ApiError as e:
+        return e.errors[name][0]
+    return None
+
+
+def disk_path_problem(definition, root, value, name):
+    target = resolve(root, value, name)
+    if not os.path.exists(target):
+        return "%s does not exist" % value if definition.get("exists") else None
+    if os.path.isdir(target) and not definition.get("selectable_folders"):
+        return "%s is a folder, a file is expected" % value
+    if not os.path.isdir(target) and not definition.get("selectable_files"):
+        return "%s is a file, a folder is expected" % value
+    return None
 
 
 def resume_session(conn, workflow_id):
@@ -940,11 +1163,13 @@ def resume_session(conn, workflow_id):
 
 
 def nextflow_params(pipeline, arguments, root):
-    """The params file's content: user values converted by type, static arguments merged last."""
+    """The params file's content: user values converted by type, static arguments merged last.
+    Empty optional arguments are left out, so the pipeline's own defaults apply."""
     params = {}
     for group in (arguments, pipeline["static"]):
         for name, definition in group.items():
-            params[name] = param_value(definition, root, name)
+            if not is_empty(definition["value"]):
+                params[name] = param_value(definition, root, name)
     return params
 
 
@@ -1095,9 +1320,7 @@ def worker_claim(req):
     wait = body.get("wait", 0)
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_CLAIM_WAIT:
         raise ApiError(422, "wait", "must be a number of seconds from 0 to %d" % MAX_CLAIM_WAIT)
-    host = req.headers.get("Host", "")
-    if not re.fullmatch(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", host):
-        raise ApiError(400, "Host", "a Host header is needed to build the weblog URL")
+    host = weblog_host(req)
     deadline = time.monotonic() + wait
     while True:
         generation = req.app.work_generation
@@ -1106,6 +1329,14 @@ def worker_claim(req):
         if launch or remaining <= 0:
             return 200, {"run": launch}
         req.app.wait_for_work(generation, remaining)
+
+
+def weblog_host(req):
+    """Nextflow runs beside the worker, so it reaches the server the way the worker did: its Host."""
+    host = req.headers.get("Host", "")
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", host):
+        raise ApiError(400, "Host", "a Host header is needed to build the weblog URL")
+    return host
 
 
 def claim_next_run(app, worker, host):
@@ -1135,12 +1366,12 @@ def launch_spec(app, run, pipeline, host):
     workflow_id, run_id = run["workflow_id"], run["id"]
     run_dir = app.run_dir(run_id)
     params_file = os.path.join(run_dir, "params.json")
-    weblog = "http://%s/api/workflows/%d/nextflow-log?run=%d&token=%s" % (host, workflow_id, run_id, run["secret"])
+    weblog = "http://%s/api/workflows/%d/nextflow-log?run=%s&token=%s" % (host, workflow_id, run_id, run["secret"])
     launch_dir = app.launch_dir(workflow_id)
     argv = ["run", pipeline.get("script") or pipeline.get("pipeline")]
     if "revision" in pipeline:
         argv += ["-r", pipeline["revision"]]
-    argv += ["-params-file", params_file, "-with-weblog", weblog, "-name", "nfapi-run-%d" % run_id,
+    argv += ["-params-file", params_file, "-with-weblog", weblog, "-name", "nfapi-run-%s" % run_id,
              "-work-dir", os.path.join(launch_dir, "work"), "-ansi-log", "false"]
     argv += pipeline["nextflow_parameters"]
     if run["resume_session"]:
@@ -1412,6 +1643,7 @@ ROUTES = [
     ("POST", "/api/workflows/<int:id>/create-folder", workflow_create_folder),
     ("POST", "/api/workflows/<int:id>/schedule", workflow_schedule),
     ("POST", "/api/workflows/<int:id>/cancel", workflow_cancel),
+    ("GET", "/api/workflows/<int:id>/command", workflow_command),
     ("POST", "/api/workflows/<int:id>/finished", workflow_finished),
     ("POST", "/api/workflows/<int:id>/nextflow-log", workflow_nextflow_log),
     ("GET", "/api/workflows/<int:id>/runs", workflow_runs),
@@ -1447,8 +1679,8 @@ def ref(name):
     return {"$ref": "#/components/schemas/" + name}
 
 
-def obj(required=(), **properties):
-    return {"type": "object", "required": list(required), "properties": properties}
+def obj(required_keys=(), **properties):
+    return {"type": "object", "required": list(required_keys), "properties": properties}
 
 
 def nullable(schema):
@@ -1465,8 +1697,10 @@ RUN_STATES = list(ACTIVE_RUN_STATES + FINAL_RUN_STATES)
 
 SCHEMAS = {
     "Errors": obj(["errors"], errors={"type": "object", "additionalProperties": array(STR)}),
-    "Argument": obj(["type", "desc", "value"], type={"enum": list(ARG_TYPES)}, desc=STR, value={},
-                    selectable_files=BOOL, selectable_folders=BOOL, is_multiline=BOOL),
+    "Argument": obj(["type", "desc", "value"], type={"enum": list(ARG_TYPES)}, desc=STR, value={}, required=BOOL,
+                    help_text=STR, group=STR, hidden=BOOL, selectable_files=BOOL, selectable_folders=BOOL,
+                    exists=BOOL, pattern=STR, integer=BOOL, minimum=NUM, maximum=NUM, is_multiline=BOOL,
+                    min_length=INT, max_length=INT, options=array({})),
     "Run": obj(RUN_COLUMNS + ("id",), id=INT, status={"enum": RUN_STATES}, pipeline=STR, created_at=NUM,
                started_at=nullable(NUM), finished_at=nullable(NUM), exit_code=nullable(INT),
                error_message=nullable(STR), submitted=INT, completed=INT, failed=INT, cached=nullable(INT),
@@ -1490,7 +1724,7 @@ SCHEMAS = {
 QUERY = {
     "offset": dict(INT, minimum=0), "limit": dict(INT, minimum=0), "dir": STR, "path": STR, "run": INT,
     "token": STR, "status": {"enum": list(TASK_STATUS_RANK)}, "file": {"enum": ["console", "nextflow"]},
-    "format": {"enum": ["zip", "tar.gz"]},
+    "format": {"enum": ["zip", "tar.gz"]}, "resume": {"enum": ["true", "false"]},
 }
 PATH_ARGS = {"id": INT, "run_id": INT, "name": STR}
 TEXT, BINARY, NO_CONTENT = "text", "binary", "empty"
@@ -1509,6 +1743,8 @@ DOCS = {
     workflow_create_folder: ([], obj(["path"], path=STR), NO_CONTENT),
     workflow_schedule: ([], obj(resume=BOOL), obj(["is_scheduled"], is_scheduled=BOOL)),
     workflow_cancel: ([], None, obj(["workflow"], workflow=ref("Workflow"))),
+    workflow_command: (["resume"], None, obj(["argv", "cwd", "params", "params_file"], argv=array(STR), cwd=STR,
+                                              params={"type": "object"}, params_file=STR)),
     workflow_finished: ([], obj(["run_id"], run_id=INT, exit_code=nullable(INT), error=nullable(STR),
                                 cancelled=BOOL, worker=STR), NO_CONTENT),
     workflow_nextflow_log: (["run", "token"], {"type": "object"}, NO_CONTENT),
@@ -1764,6 +2000,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def query_str(self, name, default):
         return self.query().get(name, default)
+
+    def query_bool(self, name):
+        value = self.query().get(name, "false")
+        if value not in ("true", "false"):
+            raise ApiError(422, name, "must be true or false")
+        return value == "true"
 
     def query_int(self, name, default):
         value = self.query().get(name)

@@ -156,10 +156,17 @@ def test_schedule(api):
     api.post("/api/workflows/%d/update" % wid, {"nextflow_workflow": PIPELINE})
     resp = api.post("/api/workflows/%d/schedule" % wid)
     assert resp.status == 422
-    assert resp.json() == {"errors": {"reference": ["cannot be empty"], "extra_files": ["cannot be empty"]}}
+    assert resp.json() == {"errors": {"reference": ["cannot be empty"], "extra_files": ["cannot be empty"],
+                                      "reads": ["matches no file in the workflow folder"]}}
     assert api.get("/api/workflows/%d" % wid).json()["workflow"]["is_scheduled"] is False
     api.post("/api/workflows/%d/update" % wid, {"nextflow_arguments": {
         "reference": "ref.fa", "extra_files": ["a.txt"]}})
+    resp = api.post("/api/workflows/%d/schedule" % wid)
+    assert resp.status == 422
+    assert resp.json() == {"errors": {"reference": ["ref.fa does not exist"], "extra_files": ["a.txt does not exist"],
+                                      "reads": ["matches no file in the workflow folder"]}}
+    for name, folder in (("ref.fa", ""), ("a.txt", ""), ("r.fastq", "")):
+        api.upload(wid, name, b"x", directory=folder)
     resp = api.post("/api/workflows/%d/schedule" % wid)
     assert resp.status == 200 and resp.json() == {"is_scheduled": True}
     wf = api.get("/api/workflows/%d" % wid).json()["workflow"]
@@ -248,11 +255,13 @@ def test_upload_errors(api, server):
 
 
 def test_pipelines(api):
-    assert api.get("/api/nextflow-workflows").json() == {"nextflow_workflows": ["Hello World (Local)", "nf-core demo"]}
+    assert api.get("/api/nextflow-workflows").json() == {"nextflow_workflows": [
+        "Hello World (Local)", "Schema demo (Local)", "nf-core demo"]}
     args = api.get("/api/nextflow-workflows/Hello%20World%20(Local)/arguments").json()
     assert list(args) == ["arguments"]
     assert set(args["arguments"]) == {"reference", "extra_files", "reads", "min_length", "title"}
-    assert args["arguments"]["min_length"] == {"type": "number", "desc": "Count lines at least this long", "value": 10}
+    assert args["arguments"]["min_length"] == {"type": "number", "desc": "Count lines at least this long", "value": 10,
+                                               "required": True}
     assert "outdir" not in args["arguments"]  # static arguments are not the client's business
     assert api.get("/api/nextflow-workflows/nf-core%20demo/arguments").json()["arguments"]["input"]["type"] == "path"
     resp = api.get("/api/nextflow-workflows/Nope/arguments")
