@@ -7,7 +7,7 @@ PORT ?= 8000
 NEXTFLOW ?= nextflow
 SLOTS ?= 1
 
-.PHONY: run demo test
+.PHONY: run demo test bench
 
 # The worker reads the token from $NFAPI_TOKEN when set, else from the file the server creates.
 run:
@@ -32,3 +32,7 @@ demo:
 
 test:
 	$(PYTHON) -m pytest -q tests
+
+# Benchmarks (not part of `make test`): one markdown table, each figure against a baseline of the same run.
+bench:
+	$(PYTHON) bench/run.py

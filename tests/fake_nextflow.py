@@ -37,6 +37,7 @@ import time
 import urllib.parse
 import uuid
 
+STARTED_AT = time.time()
 VERSION = "24.10.0"
 BUILD = 5928
 URL_CHECK = re.compile(r"^(https|http)://[-a-zA-Z0-9+&@#/%?=~_|!:,.;]*[-a-zA-Z0-9+&@#/%=~_|]")
@@ -537,7 +538,7 @@ def record(run_name, argv, opts):
             params_text = f.read()
     with open(os.path.join(folder, "%s.json" % run_name), "w") as f:
         json.dump({"argv": argv, "cwd": os.getcwd(), "params_file": params_text, "pid": os.getpid(),
-                   "environ": dict(os.environ)}, f)
+                   "started_at": STARTED_AT, "environ": dict(os.environ)}, f)
 
 
 def main(argv):

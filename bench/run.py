@@ -1,0 +1,377 @@
+#!/usr/bin/env python3
+"""nfapi benchmarks: `make bench`. Prints one markdown table.
+
+Every figure is compared with a baseline measured in the same run on the same machine, because
+these machines are noisy: a bare standard-library http.server handler for the weblog, `cp` of the
+same file on the same disk for uploads and downloads. Goals are the ones in issue 6.
+"""
+
+import hashlib
+import http.client
+import http.server
+import json
+import os
+import pathlib
+import platform
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from conftest import write_config  # noqa: E402  (the test suite's helper)
+
+TOKEN = "bench-token"
+SAMPLE = os.path.join(ROOT, "tests", "data", "weblog-samples", "icgcrelay-process_submitted.json")
+GIB = 1 << 30
+ROWS = []
+
+
+def row(name, value, baseline, ratio, goal, ok):
+    ROWS.append((name, value, baseline, ratio, goal, "yes" if ok else "**no**"))
+
+
+# ==== Processes ====
+
+class Server:
+    def __init__(self, tmp, config, data=None):
+        self.data = data or os.path.join(tmp, "data")
+        self.log = open(os.path.join(tmp, "server.log"), "ab")
+        env = dict(os.environ, NFAPI_TOKEN=TOKEN)
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "nfapi.py"), "--config", config, "--data",
+                                      self.data, "--port", "0", "--quiet"], stdout=subprocess.PIPE,
+                                     stderr=self.log, env=env)
+        line = self.proc.stdout.readline().decode()
+        self.port = int(line.split("http://127.0.0.1:")[1].split()[0])
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+        self.log.close()
+
+    def hwm_kb(self):
+        with open("/proc/%d/status" % self.proc.pid) as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+    def conn(self):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+
+    def call(self, method, path, body=None):
+        c = self.conn()
+        c.request(method, path, body=json.dumps(body) if body is not None else None,
+                  headers={"Authorization": "Bearer " + TOKEN})
+        resp = c.getresponse()
+        data = resp.read()
+        c.close()
+        return resp.status, json.loads(data) if data else None
+
+
+class BareHandler(http.server.BaseHTTPRequestHandler):
+    """The baseline: standard library, keep-alive, reads the body, answers 200 with no work."""
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def bare_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BareHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+# ==== Weblog ====
+
+def claimed_runs(server, count, tmp):
+    """`count` workflows scheduled and claimed (as a worker would), so their weblog URLs exist."""
+    targets = []
+    for i in range(count):
+        _, answer = server.call("POST", "/api/workflows/create", {"name": "bench %d" % i})
+        wid = answer["workflow"]["id"]
+        root = os.path.join(server.data, "workflows", str(wid))
+        for name in ("ref.fa", "reads/a.fastq"):
+            os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+            open(os.path.join(root, name), "w").close()
+        server.call("POST", "/api/workflows/%d/update" % wid, {"nextflow_workflow": "Hello World (Local)",
+                    "nextflow_arguments": {"reference": "ref.fa", "extra_files": ["ref.fa"], "reads": "reads/*.fastq"}})
+        status, _ = server.call("POST", "/api/workflows/%d/schedule" % wid)
+        assert status == 200
+        _, claim = server.call("POST", "/api/worker/claim", {"worker": "bench", "wait": 0})
+        url = claim["run"]["argv"][claim["run"]["argv"].index("-with-weblog") + 1]
+        targets.append((wid, urllib.parse.urlsplit(url)))
+    return targets
+
+
+def send_events(port, target, first_task, count, latencies):
+    with open(SAMPLE) as f:
+        template = json.load(f)
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    path = target.path + ("?" + target.query if target.query else "")
+    for task in range(first_task, first_task + count):
+        template["trace"]["task_id"] = task
+        template["event"] = "process_completed"
+        template["trace"]["status"] = "COMPLETED"
+        body = json.dumps(template, separators=(",", ":")).encode()
+        start = time.perf_counter()
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", "User-Agent": "Nextflow/24.10.0"})
+        resp = conn.getresponse()
+        resp.read()
+        latencies.append(time.perf_counter() - start)
+        assert resp.status == 200, resp.status
+    conn.close()
+
+
+def run_senders(port, targets, per_sender):
+    latencies = []
+    threads = [threading.Thread(target=send_events, args=(port, target, first, per_sender, latencies))
+               for target in targets for first in [1000 if target.path != "/bare" else 1]]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(targets) * per_sender / (time.perf_counter() - start), latencies
+
+
+def bench_weblog(tmp, config):
+    server = Server(tmp, config)
+    bare = bare_server()
+    try:
+        targets = claimed_runs(server, 17, tmp)
+        bare_target = urllib.parse.urlsplit("http://127.0.0.1/bare")
+        run_senders(bare.server_address[1], [bare_target], 200)  # warm-up
+        urls = [url for _, url in targets]
+        run_senders(server.port, urls[:1], 200)
+        base_rate, base_lat = run_senders(bare.server_address[1], [bare_target], 3000)
+        rate, lat = run_senders(server.port, urls[:1], 3000)
+        p50, p99 = percentile(lat, 50), percentile(lat, 99)
+        row("Weblog, 1 sender (events/s)", "%.0f (p50 %.2f ms, p99 %.2f ms)" % (rate, p50, p99),
+            "%.0f (bare http.server, p50 %.2f ms)" % (base_rate, percentile(base_lat, 50)),
+            "%.2f" % (rate / base_rate), ">= 2000/s and >= 0.5", rate >= 2000 and rate / base_rate >= 0.5)
+        base16, _ = run_senders(bare.server_address[1], [bare_target] * 16, 500)
+        rate16, _ = run_senders(server.port, urls[1:17], 1000)
+        counted = [server.call("GET", "/api/workflows/%d" % wid)[1]["workflow"]["completed_processes"] for wid, _ in targets[1:17]]
+        ok_counts = counted == [1000] * 16
+        row("Weblog, 16 senders (events/s)", "%.0f; counts %s" % (rate16, "all 16000 counted" if ok_counts else counted),
+            "%.0f (bare http.server)" % base16, "%.2f" % (rate16 / base16), ">= 4000/s, nothing lost",
+            rate16 >= 4000 and ok_counts)
+    finally:
+        bare.shutdown()
+        server.stop()
+
+
+def percentile(values, p):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))] * 1000
+
+
+# ==== Upload and download ====
+
+def make_file(path, size):
+    block = os.urandom(1 << 20)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for i in range(size >> 20):
+            chunk = bytes([i % 256]) + block[1:]
+            f.write(chunk)
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def time_cp(src, dst):
+    subprocess.run(["sync"])
+    start = time.perf_counter()
+    subprocess.run(["cp", src, dst], check=True)
+    subprocess.run(["sync", dst] if sys.platform.startswith("linux") else ["sync"])
+    elapsed = time.perf_counter() - start
+    os.unlink(dst)
+    return elapsed
+
+
+def bench_transfer(tmp, config):
+    src = os.path.join(tmp, "big.bin")
+    digest = make_file(src, GIB)
+    cp_seconds = min(time_cp(src, os.path.join(tmp, "copy.bin")) for _ in range(2))
+    server = Server(tmp, config)
+    try:
+        _, answer = server.call("POST", "/api/workflows/create", {"name": "transfer"})
+        wid = answer["workflow"]["id"]
+        server.call("POST", "/api/workflows/%d/upload-file" % wid)  # warm the code path (a 400)
+        before = server.hwm_kb()
+        boundary = "benchboundary"
+        head = ('--%s\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n\r\n' % boundary).encode()
+        tail = ("\r\n--%s--\r\n" % boundary).encode()
+
+        def body():
+            yield head
+            with open(src, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    yield chunk
+            yield tail
+        conn = server.conn()
+        start = time.perf_counter()
+        conn.request("POST", "/api/workflows/%d/upload-file" % wid, body=body(), headers={
+            "Authorization": "Bearer " + TOKEN, "Content-Length": str(len(head) + GIB + len(tail)),
+            "Content-Type": "multipart/form-data; boundary=" + boundary})
+        resp = conn.getresponse()
+        resp.read()
+        upload_seconds = time.perf_counter() - start
+        assert resp.status == 200
+        growth = (server.hwm_kb() - before) / 1024
+        row("Upload 1 GiB, multipart (MB/s)", "%.0f; memory +%.1f MB" % (GIB / upload_seconds / 1e6, growth),
+            "%.0f (cp)" % (GIB / cp_seconds / 1e6), "%.2f" % (cp_seconds / upload_seconds),
+            ">= 0.5 of cp, memory < 30 MB", cp_seconds / upload_seconds >= 0.5 and growth < 30)
+
+        url = "http://127.0.0.1:%d/api/workflows/%d/download?path=big.bin" % (server.port, wid)
+        out_path = os.path.join(tmp, "downloaded.bin")
+        start = time.perf_counter()
+        curl(url, out_path)
+        subprocess.run(["sync", out_path])
+        disk_seconds = time.perf_counter() - start
+        ok = file_digest(out_path) == digest
+        os.unlink(out_path)
+        start = time.perf_counter()
+        curl(url, os.devnull)
+        send_seconds = time.perf_counter() - start
+        row("Download 1 GiB with curl, to disk (MB/s)", "%.0f; SHA-256 %s" % (GIB / disk_seconds / 1e6, "matches" if ok else "DIFFERS"),
+            "%.0f (cp)" % (GIB / cp_seconds / 1e6), "%.2f" % (cp_seconds / disk_seconds), ">= 0.8 of cp",
+            ok and cp_seconds / disk_seconds >= 0.8)
+        row("Download 1 GiB with curl, to /dev/null (MB/s)", "%.0f" % (GIB / send_seconds / 1e6),
+            "%.0f (cp)" % (GIB / cp_seconds / 1e6), "%.2f" % (cp_seconds / send_seconds), ">= 0.8 of cp",
+            cp_seconds / send_seconds >= 0.8)
+    finally:
+        server.stop()
+        os.unlink(src)
+
+
+def curl(url, out):
+    subprocess.run(["curl", "-sS", "-f", "-o", out, "-H", "Authorization: Bearer " + TOKEN, url], check=True)
+
+
+def file_digest(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ==== Listing ====
+
+def bench_listing(tmp, config):
+    data = os.path.join(tmp, "listing-data")
+    server = Server(tmp, config, data)  # creates the schema
+    server.stop()
+    conn = sqlite3.connect(os.path.join(data, "nfapi.sqlite3"))
+    now = time.time()
+    with conn:
+        conn.executemany("INSERT INTO workflows (name, created_at) VALUES (?, ?)",
+                         (("workflow %d" % i, now) for i in range(10000)))
+        conn.executemany("INSERT INTO runs (workflow_id, status, pipeline, arguments, secret, created_at, submitted, "
+                         "completed) VALUES (?, 'succeeded', 'Hello World (Local)', '{}', 'x', ?, 100, 100)",
+                         ((wid, now) for wid in range(1, 10001)))
+        conn.executemany("INSERT INTO tasks (run_id, task_id, status, name, process) VALUES (?, ?, 'COMPLETED', 'P', 'P')",
+                         ((run, task) for run in range(1, 1001) for task in range(1, 101)))
+    conn.close()
+    server = Server(tmp, config, data)
+    try:
+        for path, label in (("/api/workflows?limit=100", "list 100 of 10,000"), ("/api/workflows/count", "count"),
+                            ("/api/workflows/5000", "one workflow"),
+                            ("/api/workflows/500/runs/500/tasks", "100 tasks of a run (of 100,000)")):
+            c = server.conn()
+            times = []
+            for _ in range(200):
+                start = time.perf_counter()
+                c.request("GET", path, headers={"Authorization": "Bearer " + TOKEN})
+                resp = c.getresponse()
+                resp.read()
+                times.append((time.perf_counter() - start) * 1000)
+                assert resp.status == 200, (path, resp.status)
+            median = statistics.median(times)
+            row("Listing: %s (median ms)" % label, "%.2f" % median, "-", "-", "< 20 ms", median < 20)
+    finally:
+        server.stop()
+
+
+# ==== Launch latency ====
+
+def bench_launch(tmp, config):
+    server = Server(tmp, config)
+    record = os.path.join(tmp, "record")
+    os.makedirs(record)
+    env = dict(os.environ, NFAPI_TOKEN=TOKEN, FAKE_NF_RECORD=record, FAKE_NF_TASK_SECONDS="0")
+    worker = subprocess.Popen([sys.executable, os.path.join(ROOT, "nfapi_worker.py"), "--server",
+                               "http://127.0.0.1:%d" % server.port, "--nextflow",
+                               os.path.join(ROOT, "tests", "fake_nextflow.py")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        targets = []
+        for i in range(10):
+            _, answer = server.call("POST", "/api/workflows/create", {"name": "launch %d" % i})
+            wid = answer["workflow"]["id"]
+            root = os.path.join(server.data, "workflows", str(wid))
+            os.makedirs(os.path.join(root, "reads"))
+            for name in ("ref.fa", "reads/a.fastq"):
+                open(os.path.join(root, name), "w").close()
+            server.call("POST", "/api/workflows/%d/update" % wid, {"nextflow_workflow": "Hello World (Local)",
+                        "nextflow_arguments": {"reference": "ref.fa", "extra_files": ["ref.fa"], "reads": "reads/*.fastq"}})
+            targets.append(wid)
+        time.sleep(1)  # the worker is idle in its long-poll
+        latencies = []
+        for wid in targets:
+            scheduled = time.time()
+            server.call("POST", "/api/workflows/%d/schedule" % wid)
+            name = None
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                status, answer = server.call("GET", "/api/workflows/%d" % wid)
+                run = answer["workflow"]["run"]
+                path = os.path.join(record, "nfapi-run-%d.json" % run["id"])
+                if os.path.exists(path) and os.path.getsize(path):
+                    with open(path) as f:
+                        name = json.load(f)
+                    if run["status"] in ("succeeded", "failed"):
+                        break
+                time.sleep(0.01)
+            latencies.append(name["started_at"] - scheduled)
+        median = statistics.median(latencies)
+        row("Launch: schedule to nextflow start (median s)", "%.3f (max %.3f)" % (median, max(latencies)), "-", "-",
+            "< 0.5 s", median < 0.5)
+    finally:
+        worker.terminate()
+        worker.wait()
+        server.stop()
+
+
+def main():
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="nfapi-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
+        config = write_config(pathlib.Path(tmp))
+        chosen = sys.argv[1:] or ["weblog", "listing", "launch", "transfer"]
+        for bench in (globals()["bench_" + name] for name in chosen):
+            sub = os.path.join(tmp, bench.__name__)
+            os.makedirs(sub)
+            bench(sub, config)
+    print("nfapi benchmarks, %s, Python %s, SQLite %s, %d CPUs, %s (%.0f s)\n" % (
+        time.strftime("%Y-%m-%d"), platform.python_version(), sqlite3.sqlite_version, os.cpu_count(),
+        platform.platform(), time.time() - started))
+    print("| measure | nfapi | baseline (same run) | ratio | goal | met |")
+    print("|---|---|---|---|---|---|")
+    for r in ROWS:
+        print("| %s |" % " | ".join(r))
+
+
+if __name__ == "__main__":
+    main()
