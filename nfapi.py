@@ -62,6 +62,8 @@ DEFAULTS = {
     "max_json_bytes": 1024 * 1024,
     "max_upload_bytes": None,
     "client_timeout": 60,
+    "header_timeout": 15,
+    "max_connections": 512,
     "lease_seconds": 60,
 }
 MAX_NAME_LENGTH = 512
@@ -143,7 +145,7 @@ def load_config(path):
     except ValueError as e:
         raise ConfigError([], "not valid JSON: %s" % e)
     expect(raw, dict, [], "an object")
-    known = set(DEFAULTS) | {"nextflow_workflows"}
+    known = set(DEFAULTS) | {"nextflow_workflows", "cors_origins"}
     for key in raw:
         if key not in known:
             raise ConfigError([key], "unknown setting (known: %s)" % ", ".join(sorted(known)))
@@ -153,6 +155,10 @@ def load_config(path):
         value = config[key]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError([key], "must be a positive integer%s" % (" or null" if key == "max_upload_bytes" else ""))
+    origins = raw.get("cors_origins", [])
+    if not isinstance(origins, list) or not all(isinstance(o, str) and re.fullmatch(r"https?://[^/\s]+", o) for o in origins):
+        raise ConfigError(["cors_origins"], "must be a list of origins such as http://localhost:3000")
+    config["cors_origins"] = origins
     base = os.path.dirname(os.path.abspath(path))
     pipelines = raw.get("nextflow_workflows")
     expect(pipelines, dict, ["nextflow_workflows"], "an object of pipelines by name")
@@ -769,6 +775,41 @@ class Body:
         self.write_to(handler)
 
 
+class HeadDeadlineReader:
+    """The connection's input, where reading a request's head (request line and headers) must finish
+    by a deadline: a slowloris client sending a byte at a time cannot hold a thread for long, and an
+    idle keep-alive connection is closed when the deadline passes."""
+
+    def __init__(self, rfile, connection):
+        self.rfile, self.connection = rfile, connection
+        self.deadline = None
+
+    def readline(self, limit=-1):
+        if self.deadline is None:
+            return self.rfile.readline(limit)
+        # The socket timeout applies to each receive, so re-arm it before every one.
+        line = b""
+        while limit < 0 or len(line) < limit:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the request head took too long")
+            self.connection.settimeout(remaining)
+            buffered = self.rfile.peek(1)
+            if not buffered:
+                break
+            end = buffered.find(b"\n")
+            take = len(buffered) if end < 0 else end + 1
+            if limit >= 0:
+                take = min(take, limit - len(line))
+            line += self.rfile.read(take)
+            if line.endswith(b"\n"):
+                break
+        return line
+
+    def __getattr__(self, name):
+        return getattr(self.rfile, name)
+
+
 class ChunkedWriter:
     """A write-only stream that sends HTTP/1.1 chunks of about CHUNK_BYTES (zipfile and tarfile write
     many small pieces); close() sends the last chunk."""
@@ -824,7 +865,7 @@ def run_json(row, run_id):
     run = {"id": run_id}
     run.update((column, row[column]) for column in RUN_COLUMNS)
     run["resume"] = bool(run["resume"])
-    run["command"] = [re.sub(r"&token=[^&]*", "&token=...", arg) for arg in json.loads(row["command"] or "[]")]
+    run["command"] = [redact(arg) for arg in json.loads(row["command"] or "[]")]
     return run
 
 
@@ -982,7 +1023,8 @@ def workflow_upload_file(req, id):
     parser = MultipartParser(multipart_boundary(req.headers.get("Content-Type")))
     fields, upload = {}, None
     try:
-        upload = receive_form(req, parser, fields)
+        with disk_full_is_507():
+            upload = receive_form(req, parser, fields)
         if upload is None:
             raise ApiError(422, "file", "a file part with a file name is required")
         temp, filename = upload
@@ -999,9 +1041,10 @@ def workflow_upload_file(req, id):
             os.makedirs(folder, mode=0o700, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise ApiError(409, "directory", "a file is in the way of that folder")
-        os.fsync(temp.fileno())
-        temp.close()
-        os.replace(temp.name, target)
+        with disk_full_is_507():
+            os.fsync(temp.fileno())
+            temp.close()
+            os.replace(temp.name, target)
         upload = None
     finally:
         if upload is not None:
@@ -1029,7 +1072,7 @@ def receive_form(req, parser, fields):
                         fields[current] = b""
                 elif event[0] == "data":
                     if current == "file":
-                        write_upload(upload[0], event[1])
+                        upload[0].write(event[1])
                     else:
                         fields[current] += event[1]
                         if len(fields[current]) > MAX_FORM_FIELD_BYTES:
@@ -1043,9 +1086,10 @@ def receive_form(req, parser, fields):
     return upload
 
 
-def write_upload(temp, data):
+@contextlib.contextmanager
+def disk_full_is_507():
     try:
-        temp.write(data)
+        yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ApiError(507, "file", "the server's disk is full")
@@ -1703,7 +1747,9 @@ def array(items):
     return {"type": "array", "items": items}
 
 
-STR, INT, NUM, BOOL = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+STR, NUM, BOOL = {"type": "string"}, {"type": "number"}, {"type": "boolean"}
+INT = {"type": "integer", "minimum": -2 ** 63, "maximum": 2 ** 63 - 1}
+ID = {"type": "integer", "minimum": 0, "maximum": 10 ** 18 - 1}
 EMPTY_OBJECT = {"type": "object", "maxProperties": 0}
 RUN_STATES = list(ACTIVE_RUN_STATES + FINAL_RUN_STATES)
 
@@ -1734,11 +1780,12 @@ SCHEMAS = {
 }
 
 QUERY = {
-    "offset": dict(INT, minimum=0), "limit": dict(INT, minimum=0), "dir": STR, "path": STR, "run": INT,
+    "offset": ID, "limit": ID, "dir": STR, "path": STR, "run": ID,
     "token": STR, "status": {"enum": list(TASK_STATUS_RANK)}, "file": {"enum": ["console", "nextflow"]},
     "format": {"enum": ["zip", "tar.gz"]}, "resume": {"enum": ["true", "false"]},
 }
-PATH_ARGS = {"id": INT, "run_id": INT, "name": STR}
+PATH_ARGS = {"id": ID, "run_id": ID, "name": STR}
+WORKER = dict(STR, minLength=1, maxLength=200)
 TEXT, BINARY, NO_CONTENT = "text", "binary", "empty"
 
 DOCS = {
@@ -1767,8 +1814,9 @@ DOCS = {
     workflow_download: (["path", "format"], None, BINARY),
     pipelines_list: ([], None, obj(["nextflow_workflows"], nextflow_workflows=array(STR))),
     pipeline_arguments: ([], None, obj(["arguments"], arguments={"type": "object", "additionalProperties": ref("Argument")})),
-    worker_claim: ([], obj(["worker"], worker=STR, wait=NUM), obj(["run"], run=nullable(ref("Launch")))),
-    worker_heartbeat: ([], obj(["worker", "runs"], worker=STR, runs=array(INT)),
+    worker_claim: ([], obj(["worker"], worker=WORKER, wait=dict(NUM, minimum=0, maximum=MAX_CLAIM_WAIT)),
+                   obj(["run"], run=nullable(ref("Launch")))),
+    worker_heartbeat: ([], obj(["worker", "runs"], worker=STR, runs=dict(array(INT), maxItems=1000)),
                        obj(["cancel", "gone"], cancel=array(INT), gone=array(INT))),
     worker_release: ([], obj(["worker", "run_id"], worker=STR, run_id=INT), EMPTY_OBJECT),
     openapi_json: ([], None, {"type": "object"}),
@@ -1803,7 +1851,8 @@ def openapi_operation(handler, path_args):
         operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": obj(
             ["file"], file={"type": "string", "contentMediaType": "application/octet-stream"}, directory=STR)}}}
     elif request is not None:
-        operation["requestBody"] = {"content": {"application/json": {"schema": request}}}
+        operation["requestBody"] = {"required": bool(request.get("required")),
+                                    "content": {"application/json": {"schema": request}}}
     if answer == NO_CONTENT:
         operation["responses"]["200"] = {"description": "done (empty body)"}
     elif answer == TEXT:
@@ -1867,6 +1916,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.app.config["client_timeout"]
         super().setup()
+        self.rfile = HeadDeadlineReader(self.rfile, self.connection)
         # Headers and body leave in separate writes: without this, Nagle's algorithm holds the body
         # until the client's delayed ACK (40 ms on Linux) for every small answer.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1905,7 +1955,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.dispatch()
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
+    def __getattr__(self, name):
+        # http.server answers 501 for a method without a do_ method: every method is routed
+        # instead, so an unknown one on a known path is 405 with Allow (RFC 9110 15.5.6).
+        if name.startswith("do_"):
+            return self.dispatch
+        raise AttributeError(name)
 
     def handle_expect_100(self):
         # Refuse a bad token or an oversized body before the client sends it (RFC 9110 10.1.1).
@@ -1916,7 +1971,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return False
         return super().handle_expect_100()
 
+    def handle_one_request(self):
+        self.rfile.deadline = time.monotonic() + self.app.config["header_timeout"]
+        super().handle_one_request()
+
     def parse_request(self):
+        # The head is in: the body, if any, is read with the per-read client_timeout.
+        self.rfile.deadline = None
+        self.connection.settimeout(self.timeout)
         # One handler serves every request of a keep-alive connection: reset per-request state.
         self.prepared = False
         self.body_left = None
@@ -1943,10 +2005,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.authenticate()
 
     def authenticate(self):
+        """The API token allows everything; the optional read-only token allows GET."""
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.app.token.encode()):
-            raise ApiError(401, "token", "missing or wrong API token (Authorization: Bearer <token>)",
-                           {"WWW-Authenticate": 'Bearer realm="nfapi"'})
+        token = token.strip().encode() if scheme.lower() == "bearer" else b""
+        if hmac.compare_digest(token, self.app.token.encode()):
+            return
+        if self.app.read_token and hmac.compare_digest(token, self.app.read_token.encode()):
+            if self.command == "GET":
+                return
+            raise ApiError(403, "token", "this token is read-only")
+        raise ApiError(401, "token", "missing or wrong API token (Authorization: Bearer <token>)",
+                       {"WWW-Authenticate": 'Bearer realm="nfapi"'})
 
     def weblog_secret(self):
         token = self.query().get("token")
@@ -1975,7 +2044,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (ClientGone, ConnectionError, socket.timeout):
             self.close_connection = True
         except Exception:
-            sys.stderr.write("internal error on %s %r\n%s" % (self.command, self.path, traceback.format_exc()))
+            sys.stderr.write("internal error on %s %r\n%s" % (self.command, redact(self.path), traceback.format_exc()))
             self.send_api_error(ApiError(500, "general", "internal error"))
         if self.body_left != 0:
             self.close_connection = True
@@ -2037,8 +2106,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not isinstance(body, Body):
             body = Body.json(body)
         self.send_response(status)
-        for key, value in dict(body.headers, **(headers or {})).items():
+        merged = dict(body.headers)
+        merged.update(headers or {})
+        merged.update(self.cors_headers())
+        for key, value in merged.items():
             self.send_header(key, value)
+        self.send_header("X-Content-Type-Options", "nosniff")
         if body.length is None:
             self.send_header("Transfer-Encoding", "chunked")
         else:
@@ -2048,6 +2121,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             body.write(self)
+
+    def cors_headers(self):
+        """CORS is off unless the configuration lists the origin (a browser page elsewhere must not
+        use the token of a user whose browser happens to hold it)."""
+        origin = self.headers.get("Origin") if getattr(self, "headers", None) else None
+        if origin is None or origin not in self.app.config["cors_origins"]:
+            return {}
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+                "Access-Control-Expose-Headers": "X-Next-Offset, X-Log-Size, X-Run-Status, X-Run-Id, "
+                                                 "Content-Disposition, Content-Range, ETag"}
+
+    def do_OPTIONS(self):
+        """A CORS preflight from a listed origin; anything else is an ordinary (unauthenticated) request."""
+        cors = self.cors_headers()
+        if not cors or "Access-Control-Request-Method" not in self.headers:
+            return self.dispatch()
+        self.body_left = 0
+        self.send_answer(204, None, {"Access-Control-Allow-Methods": "GET, POST",
+                                     "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                                     "Access-Control-Max-Age": "600"})
 
     def send_api_error(self, error):
         try:
@@ -2060,14 +2153,56 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
         self.send_api_error(ApiError(code, "request", message or self.responses.get(code, ("error",))[0]))
 
+    def log_request(self, code="-", size="-"):
+        self.log_message('"%s" %s %s', redact(self.requestline), code, size)
+
     def log_message(self, format, *args):
         if not self.app.quiet:
             super().log_message(format, *args)
 
 
+def redact(text):
+    """A request line or path with its weblog secret cut out, for logs."""
+    return re.sub(r"([?&]token=)[^&\s]*", r"\1...", text)
+
+
 class Server(http.server.ThreadingHTTPServer):
+    """One thread per connection, at most `max_connections` at once: past that, a connection gets
+    503 with Retry-After at once instead of a thread (the server never falls over)."""
+
     daemon_threads = True
     block_on_close = False
+    # socketserver's default backlog of 5 makes a burst of connections wait out SYN retransmits.
+    request_queue_size = 1024
+    BUSY = json.dumps({"errors": {"general": ["too many connections; try again"]}}).encode()
+
+    def __init__(self, address, handler, app):
+        self.app = app
+        self.connections = 0
+        self.connections_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self.connections_lock:
+            busy = self.connections >= self.app.config["max_connections"]
+            if not busy:
+                self.connections += 1
+        if busy:
+            with contextlib.suppress(OSError):
+                request.settimeout(1)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                                % (len(self.BUSY), self.BUSY))
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections -= 1
 
     def handle_error(self, request, client_address):
         # Clients vanish between requests (nextflow exits without waiting for its last post): not our error.
@@ -2095,6 +2230,7 @@ class App:
             make_private_dir(os.path.join(self.data_dir, sub))
         self.tmp_dir = os.path.join(self.data_dir, "tmp")
         self.token, self.token_source = load_token(self.data_dir)
+        self.read_token = load_read_token(self.data_dir)
         self.db = Database(os.path.join(self.data_dir, "nfapi.sqlite3"))
         self.work_ready = threading.Condition()
         self.work_generation = 0
@@ -2183,6 +2319,17 @@ def load_token(data_dir):
     return token, path
 
 
+def load_read_token(data_dir):
+    """An optional read-only token (GET only): $NFAPI_READ_TOKEN, else <data>/api-read-token if present."""
+    if os.environ.get("NFAPI_READ_TOKEN"):
+        return os.environ["NFAPI_READ_TOKEN"]
+    try:
+        with open(os.path.join(data_dir, "api-read-token"), encoding="ascii") as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 # ==== Main ====
 
 def parse_args(argv):
@@ -2204,8 +2351,7 @@ def main(argv=None):
         sys.exit("nfapi: configuration error in %s: %s" % (args.config, e))
     os.umask(0o077)
     app = App(config, args.data, quiet=args.quiet)
-    server = Server((args.host, args.port), Handler)
-    server.app = app
+    server = Server((args.host, args.port), Handler, app)
     # Explicit for SIGINT too: a shell starts background jobs (as `make run` does) with SIGINT ignored.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: threading.Thread(target=server.shutdown).start())

@@ -100,18 +100,31 @@ class Client:
             body = json.dumps(body).encode()
             all_headers.setdefault("Content-Type", "application/json")
         try:
-            self.conn.request(method, path, body=body, headers=all_headers)
-            resp = self.conn.getresponse()
-        except (http.client.HTTPException, ConnectionError):
-            self.conn.close()
-            self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-            raise
+            resp = self.exchange(method, path, body, all_headers)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            # The server closes idle keep-alive connections (header_timeout): reconnect once, as
+            # HTTP clients do with a stale pooled connection.
+            self.reconnect()
+            resp = self.exchange(method, path, body, all_headers)
         data = resp.read()
         if resp.getheader("Connection", "").lower() == "close":
             self.conn.close()
-        if resp.status != 401 and method != "HEAD":  # a 401 is the one answer the document leaves to the security schemes
+        # Left to the protocol rather than the document: 401 (security schemes), HEAD, CORS preflights.
+        if resp.status != 401 and method not in ("HEAD", "OPTIONS"):
             check_against_openapi(method, path, resp.status, resp.headers, data)
         return Response(resp.status, resp.headers, data)
+
+    def exchange(self, method, path, body, headers):
+        try:
+            self.conn.request(method, path, body=body, headers=headers)
+            return self.conn.getresponse()
+        except (http.client.HTTPException, ConnectionError):
+            self.conn.close()
+            raise
+
+    def reconnect(self):
+        self.conn.close()
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.conn.timeout)
 
     def get(self, path, **kw):
         return self.request("GET", path, **kw)
@@ -149,7 +162,7 @@ def multipart_body(parts, boundary=None):
 class ServerProcess:
     """nfapi.py on a free port with its own data folder; output goes to a file, never a pipe."""
 
-    def __init__(self, tmp_path, config=CONFIG, env=None, args=()):
+    def __init__(self, tmp_path, config=CONFIG, env=None, args=(), quiet=True):
         self.tmp_path = tmp_path
         self.data = str(tmp_path / "data")
         self.log_path = str(tmp_path / "server.log")
@@ -157,6 +170,7 @@ class ServerProcess:
         self.env = {k: v for k, v in os.environ.items() if k != "NFAPI_TOKEN"}
         self.env.update(env or {})
         self.args = list(args)
+        self.quiet = quiet
         self.proc = None
         self.port = None
 
@@ -165,7 +179,7 @@ class ServerProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [PYTHON, os.path.join(ROOT, "nfapi.py"), "--config", self.config, "--data", self.data,
-             "--port", "0", "--quiet"] + self.args,
+             "--port", "0"] + (["--quiet"] if self.quiet else []) + self.args,
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=str(self.tmp_path))
         log.close()
         line = wait_for(self.listening_line, timeout=20, message="server start")

@@ -107,7 +107,9 @@ def test_unknown_routes_and_methods(api):
     resp = api.request("DELETE", "/api/workflows/1")
     assert resp.status == 405 and resp.json()["errors"]["method"]
     resp = api.request("HEAD", "/api/workflows")
-    assert resp.status == 501
+    assert resp.status == 405 and resp.headers["Allow"] == "GET"
+    resp = api.request("TRACE", "/api/workflows/1")
+    assert resp.status == 405 and resp.json()["errors"]["method"]
 
 
 def test_update_pipeline_and_arguments(api):
