@@ -21,9 +21,11 @@ Data layout under --data (created 0700, files 0600):
     runs/<run id>/       params.json and console.log of one run
     tmp/                 uploads in progress and folders being deleted; emptied at start
 
-Limits: JSON bodies up to `max_json_bytes` (1 MiB), uploads up to `max_upload_bytes` (no limit by
-default), multipart part headers up to 16 KiB; clients idle for `client_timeout` seconds are dropped.
-Runs on Python 3.8+ and SQLite 3.24+.
+Limits (configurable): JSON bodies up to `max_json_bytes` (1 MiB), uploads up to `max_upload_bytes`
+(no limit by default), multipart part headers up to 16 KiB; a request head must arrive within
+`header_timeout` seconds and a body may stall `client_timeout` seconds; at most `max_connections`
+connections are served at once (503 past that). Every route and answer is described by
+GET /api/openapi.json. Runs on Python 3.8+ and SQLite 3.24+.
 """
 
 import argparse
@@ -1726,6 +1728,31 @@ COMPILED_ROUTES = [(method, compile_route(pattern), handler) for method, pattern
 INT_PARAMS = {name for _, pattern, _ in ROUTES for name in re.findall(r"<int:(\w+)>", pattern)}
 
 
+def match_route(method, path):
+    """Return (handler, params); raise 404, or 405 with Allow when only the method is wrong."""
+    allowed = []
+    for route_method, regex, handler in COMPILED_ROUTES:
+        m = regex.match(path)
+        if not m:
+            continue
+        if route_method != method:
+            allowed.append(route_method)
+            continue
+        return handler, {key: convert_param(key, value) for key, value in m.groupdict().items()}
+    if allowed:
+        raise ApiError(405, "method", "use %s" % " or ".join(allowed), {"Allow": ", ".join(allowed)})
+    raise ApiError(404, "path", "no such endpoint")
+
+
+def convert_param(key, value):
+    if key in INT_PARAMS:
+        return int(value)
+    try:
+        return urllib.parse.unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        raise ApiError(400, key, "bad percent-encoding")
+
+
 # ==== OpenAPI ====
 # One entry per handler: (query parameters, request body, success answer). The document is built
 # from ROUTES and this table; a test checks that both list the same routes and that every answer
@@ -1873,31 +1900,6 @@ def openapi_operation(handler, path_args):
 OPENAPI = openapi_document()
 
 
-def match_route(method, path):
-    """Return (handler, params); raise 404, or 405 with Allow when only the method is wrong."""
-    allowed = []
-    for route_method, regex, handler in COMPILED_ROUTES:
-        m = regex.match(path)
-        if not m:
-            continue
-        if route_method != method:
-            allowed.append(route_method)
-            continue
-        return handler, {key: convert_param(key, value) for key, value in m.groupdict().items()}
-    if allowed:
-        raise ApiError(405, "method", "use %s" % " or ".join(allowed), {"Allow": ", ".join(allowed)})
-    raise ApiError(404, "path", "no such endpoint")
-
-
-def convert_param(key, value):
-    if key in INT_PARAMS:
-        return int(value)
-    try:
-        return urllib.parse.unquote(value, errors="strict")
-    except UnicodeDecodeError:
-        raise ApiError(400, key, "bad percent-encoding")
-
-
 # ==== HTTP plumbing ====
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -1976,14 +1978,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().handle_one_request()
 
     def parse_request(self):
-        # The head is in: the body, if any, is read with the per-read client_timeout.
-        self.rfile.deadline = None
-        self.connection.settimeout(self.timeout)
         # One handler serves every request of a keep-alive connection: reset per-request state.
         self.prepared = False
         self.body_left = None
         self.json_body = self.query_params = None
-        return super().parse_request()
+        parsed = super().parse_request()  # reads the headers, still under the head's deadline
+        # The head is in: the body, if any, is read with the per-read client_timeout.
+        self.rfile.deadline = None
+        self.connection.settimeout(self.timeout)
+        return parsed
 
     def prepare(self):
         """Frame the body, route and authenticate; runs once per request.

@@ -164,7 +164,8 @@ def test_slow_request_heads_are_cut_off(tmp_path):
 
         def drip():
             try:
-                for byte in b"GET /api/workflows/count HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+                sock.sendall(b"GET /api/workflows/count HTTP/1.1\r\n")
+                for byte in b"X-Slow: " + b"a" * 100:
                     sock.sendall(bytes([byte]))
                     if closed.wait(0.2):
                         return
