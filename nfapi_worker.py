@@ -213,7 +213,9 @@ class Worker:
             try:
                 answer = self.api.post("/api/worker/claim", {"worker": self.name, "wait": CLAIM_WAIT_SECONDS},
                                        timeout=CLAIM_WAIT_SECONDS + 30)
-                launch = answer.get("run") if isinstance(answer, dict) else None
+                if not isinstance(answer, dict):
+                    raise Unavailable("the claim answer is not a JSON object")
+                launch = answer.get("run")
                 if launch is not None and not is_launch(launch):
                     raise Unavailable("the claim answer is not a launch: %r" % (launch,))
             except Unavailable as e:

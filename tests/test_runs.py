@@ -218,3 +218,29 @@ def test_two_workers_ten_runs_each_exactly_once(stand):
     launched = [name for w in workers for name in w.records()]
     assert sorted(launched) == sorted("nfapi-run-%d" % r["id"] for r in runs)
     assert all(w.records() for w in workers), "both workers took runs"
+
+
+def test_worker_waits_for_the_server_and_survives_a_wrong_token(tmp_path):
+    from conftest import ServerProcess, WorkerProcess, write_config
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    srv = ServerProcess(tmp_path, config=write_config(tmp_path, lease_seconds=2), env={"NFAPI_TOKEN": "right"},
+                        args=["--port", str(port)])
+    srv.port = port
+    good = WorkerProcess(srv, tmp_path, name="early").start()  # the server is not there yet
+    bad = WorkerProcess(srv, tmp_path, name="wrong", env={"NFAPI_TOKEN": "wrong"}).start()
+    try:
+        wait_for(lambda: "retrying" in good.output() and "answered 401" not in good.output(), message="the worker to retry")
+        srv.start()
+        api = srv.client()
+        wid = ready_workflow(api)
+        api.post("/api/workflows/%d/schedule" % wid)
+        assert wait_final(api, wid)["status"] == "succeeded"
+        wait_for(lambda: bad.output().count("answered 401") >= 2, message="the misconfigured worker to keep trying")
+        assert bad.proc.poll() is None and "Traceback" not in bad.output() + good.output()
+    finally:
+        for w in (good, bad):
+            w.stop()
+        srv.stop()
