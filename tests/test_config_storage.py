@@ -11,7 +11,7 @@ import sysconfig
 
 import pytest
 
-from conftest import CONFIG, PYTHON, ROOT, ServerProcess
+from conftest import PYTHON, ROOT, ServerProcess
 
 
 def start_with_config(tmp_path, text):

@@ -1,5 +1,6 @@
 """Issue 5: fuzzing, limits, crash safety and access hardening, against the real server."""
 
+import contextlib
 import json
 import os
 import random
@@ -121,39 +122,36 @@ def test_raw_socket_fuzzing(server, api):
 
 # ==== Limits ====
 
-def test_idle_connections_do_not_starve_clients(tmp_path):
-    srv = ServerProcess(tmp_path, config=write_config(tmp_path, max_connections=400)).start()
+@contextlib.contextmanager
+def server_with_idle_connections(tmp_path, count, **settings):
+    """A server with `count` connections open that never send anything."""
+    srv = ServerProcess(tmp_path, config=write_config(tmp_path, **settings)).start()
     idle = []
     try:
-        for _ in range(300):
-            idle.append(socket.create_connection(("127.0.0.1", srv.port)))
-        api = srv.client()
-        api.conn.timeout = 5
-        assert api.get("/api/workflows/count").json() == {"count": 0}
+        idle.extend(socket.create_connection(("127.0.0.1", srv.port)) for _ in range(count))
+        yield srv, idle
     finally:
         for sock in idle:
             sock.close()
         srv.stop()
 
 
+def test_idle_connections_do_not_starve_clients(tmp_path):
+    with server_with_idle_connections(tmp_path, 300, max_connections=400) as (srv, idle):
+        api = srv.client()
+        api.conn.timeout = 5
+        assert api.get("/api/workflows/count").json() == {"count": 0}
+
+
 def test_excess_connections_get_503(tmp_path):
-    srv = ServerProcess(tmp_path, config=write_config(tmp_path, max_connections=20)).start()
-    idle = []
-    try:
-        for _ in range(20):
-            idle.append(socket.create_connection(("127.0.0.1", srv.port)))
+    with server_with_idle_connections(tmp_path, 20, max_connections=20) as (srv, idle):
         wait_for(lambda: raw_exchange(srv.port, b"GET /api/workflows/count HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 503 "),
                  message="a 503 once all slots are taken")
         answer = raw_exchange(srv.port, b"GET /api/workflows/count HTTP/1.1\r\n\r\n")
         assert b"Retry-After: 1" in answer and json.loads(answer.split(b"\r\n\r\n", 1)[1])["errors"]
         for sock in idle:
             sock.close()
-        idle = []
         wait_for(lambda: srv.client().get("/api/workflows/count").status == 200, message="slots freed")
-    finally:
-        for sock in idle:
-            sock.close()
-        srv.stop()
 
 
 def test_slow_request_heads_are_cut_off(tmp_path):

@@ -10,6 +10,13 @@ from conftest import ROOT, processes_with_marker, ready_workflow, wait_final, wa
 SCRIPT = os.path.join(ROOT, "examples", "demo", "main.nf")
 
 
+def run_to_end(api, **workflow):
+    """A ready workflow scheduled and followed to its final state: (workflow id, workflow)."""
+    wid = ready_workflow(api, **workflow)
+    assert api.post("/api/workflows/%d/schedule" % wid).status == 200
+    return wid, wait_final(api, wid)
+
+
 def test_success_sequence_a(stand):
     worker = stand.worker()
     api = stand.client()
@@ -69,9 +76,7 @@ def test_exact_argv_and_params_for_every_argument_type(stand):
 def test_task_failure_sequence_b(stand):
     stand.worker(env={"FAKE_NF_FAIL": "COUNT_LINES", "FAKE_NF_TASKS": "3", "FAKE_NF_TASK_SECONDS": "3"})
     api = stand.client()
-    wid = ready_workflow(api)
-    api.post("/api/workflows/%d/schedule" % wid)
-    wf = wait_final(api, wid)
+    wid, wf = run_to_end(api)
     run = wf["run"]
     assert wf["status"] == "failed" and run["exit_code"] == 1
     assert "Process `COUNT_LINES (1)` terminated with an error exit status (1)" in run["error_message"]
@@ -83,9 +88,7 @@ def test_finish_strategy_sequence_c(stand):
     stand.worker(env={"FAKE_NF_FAIL": "COUNT_LINES", "FAKE_NF_ERROR_STRATEGY": "finish", "FAKE_NF_TASKS": "3",
                       "FAKE_NF_TASK_SECONDS": "0.5"})
     api = stand.client()
-    wid = ready_workflow(api)
-    api.post("/api/workflows/%d/schedule" % wid)
-    wf = wait_final(api, wid)
+    wid, wf = run_to_end(api)
     assert wf["status"] == "failed" and wf["run"]["exit_code"] == 1
     assert "terminated with an error exit status (1)" in wf["run"]["error_message"]
     # The running tasks finished normally; no new stage started.
@@ -95,9 +98,7 @@ def test_finish_strategy_sequence_c(stand):
 def test_error_before_any_task_sequence_d(stand):
     stand.worker(env={"FAKE_NF_SCRIPT_ERROR": "Validation of pipeline parameters failed!"})
     api = stand.client()
-    wid = ready_workflow(api)
-    api.post("/api/workflows/%d/schedule" % wid)
-    wf = wait_final(api, wid)
+    wid, wf = run_to_end(api)
     run = wf["run"]
     assert wf["status"] == "failed" and run["exit_code"] == 1
     # No `completed` event carried an errorMessage: the console tail tells what happened.
@@ -156,9 +157,7 @@ def test_cancel_queued_run(stand):
 def test_missing_nextflow_binary_fails_the_run(stand, tmp_path):
     stand.worker(nextflow=str(tmp_path / "no-such-nextflow"))
     api = stand.client()
-    wid = ready_workflow(api)
-    api.post("/api/workflows/%d/schedule" % wid)
-    wf = wait_final(api, wid)
+    wid, wf = run_to_end(api)
     assert wf["status"] == "failed" and wf["run"]["exit_code"] is None
     assert "cannot start nextflow" in wf["run"]["error_message"] and "no-such-nextflow" in wf["run"]["error_message"]
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import CONFIG, PYTHON, ROOT, ServerProcess, wait_final
+from conftest import PYTHON, ROOT, ServerProcess, wait_final
 
 SAMPLES = os.path.join(ROOT, "tests", "data", "nextflow-schema-samples")
 SCHEMA_DEMO = "Schema demo (Local)"
