@@ -197,7 +197,7 @@ class WebLogSender:
 
     def post(self, envelope):
         # utcTime is computed inside the queued closure: the time of sending, not of the event.
-        envelope["utcTime"] = datetime.datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")
+        envelope["utcTime"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = json.dumps(envelope, separators=(",", ":"), ensure_ascii=True).encode("ascii")
         target = self.url.path or "/"
         if self.url.query:
