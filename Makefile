@@ -7,7 +7,7 @@ PORT ?= 8000
 NEXTFLOW ?= nextflow
 SLOTS ?= 1
 
-.PHONY: run demo test bench
+.PHONY: run demo test bench soak
 
 # The worker reads the token from $NFAPI_TOKEN when set, else from the file the server creates.
 run:
@@ -36,3 +36,7 @@ test:
 # Benchmarks (not part of `make test`): one markdown table, each figure against a baseline of the same run.
 bench:
 	$(PYTHON) bench/run.py
+
+# A longer fuzzing soak (not part of `make test`): ten times the examples, a seed of your choice.
+soak:
+	NFAPI_FUZZ_EXAMPLES=600 NFAPI_FUZZ_SEED=$${SEED:-$$(date +%s)} $(PYTHON) -m pytest -q -s tests/test_hardening.py -k "schemathesis or raw_socket"

@@ -38,7 +38,8 @@ def test_schemathesis_over_every_route(server, api, tmp_path):
     # succeeds depends on state; multipart fields are all text), and the claim long-poll (it waits).
     proc = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", server.url + "/api/openapi.json", "-H", "Authorization: Bearer " + server.token,
-         "--exclude-operation-id", "worker_claim", "-n", "60", "--seed", "20261129", "--checks", "all",
+         "--exclude-operation-id", "worker_claim", "-n", os.environ.get("NFAPI_FUZZ_EXAMPLES", "60"),
+         "--seed", os.environ.get("NFAPI_FUZZ_SEED", "20261129"), "--checks", "all",
          "--exclude-checks", "positive_data_acceptance,negative_data_rejection", "--warnings", "off",
          "--request-timeout", "30"],
         capture_output=True, text=True, timeout=600)
@@ -81,9 +82,10 @@ def raw_cases(token, rng):
     cases = []
     for cut in range(0, len(upload), max(1, len(upload) // 60)):
         cases.append(upload[:cut])  # truncated anywhere
-    for _ in range(100):
+    extra = int(os.environ.get("NFAPI_FUZZ_EXAMPLES", "60")) // 60
+    for _ in range(100 * extra):
         cases.append(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300))))  # garbage
-    for _ in range(50):
+    for _ in range(50 * extra):
         line = bytes(rng.choice(b"GETPOS /?%&=\x00\xff\t:HTP1.0") for _ in range(rng.randint(1, 80)))
         cases.append(line + b"\r\n\r\n")
     for length in (b"-1", b"abc", b"99999999999999999999", b"1e3", b"5, 6", b"0x10", b" 12", b""):
@@ -105,7 +107,7 @@ def raw_cases(token, rng):
 
 def test_raw_socket_fuzzing(server, api):
     api.create("raw")
-    rng = random.Random(20261129)
+    rng = random.Random(int(os.environ.get("NFAPI_FUZZ_SEED", "20261129")))
     cases = raw_cases(server.token, rng)
     for data in cases:
         answer = raw_exchange(server.port, data)
