@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import http.server
 import json
+import multiprocessing
 import os
 import pathlib
 import platform
@@ -160,16 +161,37 @@ def bench_weblog(tmp, config):
         row("Weblog, 1 sender (events/s)", "%.0f (p50 %.2f ms, p99 %.2f ms)" % (rate, p50, p99),
             "%.0f (bare http.server, p50 %.2f ms)" % (base_rate, percentile(base_lat, 50)),
             "%.2f" % (rate / base_rate), ">= 2000/s and >= 0.5", rate >= 2000 and rate / base_rate >= 0.5)
-        base16, _ = run_senders(bare.server_address[1], [bare_target] * 16, 500)
-        rate16, _ = run_senders(server.port, urls[1:17], 1000)
+        base16 = run_sender_processes(bare.server_address[1], [bare_target] * 16, 500)
+        rate16 = run_sender_processes(server.port, urls[1:17], 1000)
         counted = [server.call("GET", "/api/workflows/%d" % wid)[1]["workflow"]["completed_processes"] for wid, _ in targets[1:17]]
         ok_counts = counted == [1000] * 16
-        row("Weblog, 16 senders (events/s)", "%.0f; counts %s" % (rate16, "all 16000 counted" if ok_counts else counted),
+        row("Weblog, 16 sender processes (events/s)", "%.0f; counts %s" % (rate16, "all 16000 counted" if ok_counts else counted),
             "%.0f (bare http.server)" % base16, "%.2f" % (rate16 / base16), ">= 4000/s, nothing lost",
             rate16 >= 4000 and ok_counts)
     finally:
         bare.shutdown()
         server.stop()
+
+
+def run_sender_processes(port, targets, per_sender):
+    """Like run_senders, but each sender is its own process, as 16 runs are 16 nextflow JVMs (16
+    threads of one Python client would share its GIL and measure the client instead)."""
+    ctx = multiprocessing.get_context("fork")
+    start_line = ctx.Barrier(len(targets) + 1)
+    procs = [ctx.Process(target=sender_process, args=(port, target, per_sender, start_line)) for target in targets]
+    for p in procs:
+        p.start()
+    start_line.wait()
+    start = time.perf_counter()
+    for p in procs:
+        p.join()
+    assert all(p.exitcode == 0 for p in procs)
+    return len(targets) * per_sender / (time.perf_counter() - start)
+
+
+def sender_process(port, target, count, start_line):
+    start_line.wait()
+    send_events(port, target, 1000, count, [])
 
 
 def percentile(values, p):
