@@ -78,6 +78,7 @@ ARG_TYPES = ("path", "paths", "file-glob", "number", "text", "boolean", "select"
 ACTIVE_RUN_STATES = ("queued", "running")
 FINAL_RUN_STATES = ("succeeded", "failed", "cancelled", "lost")
 MAX_CLAIM_WAIT = 30
+NEXTFLOW_UNKNOWN_EXIT = 2147483647  # Integer.MAX_VALUE: a task's exit code before it is known
 # Nextflow's task states by progress: a late or repeated weblog post never moves a task back.
 TASK_STATUS_RANK = {"NEW": 0, "SUBMITTED": 1, "RUNNING": 2, "COMPLETED": 3, "FAILED": 3, "ABORTED": 3}
 TEMP_PREFIX = ".nfapi-"
@@ -139,13 +140,7 @@ SCHEMA_FORMATS = {
 
 def load_config(path):
     """Read and check the JSON configuration; raise ConfigError naming the key that is wrong."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise ConfigError([], "cannot read: %s" % e.strerror)
-    except ValueError as e:
-        raise ConfigError([], "not valid JSON: %s" % e)
+    raw = read_json_file(path, [], named=False)
     expect(raw, dict, [], "an object")
     known = set(DEFAULTS) | {"nextflow_workflows", "cors_origins"}
     for key in raw:
@@ -167,6 +162,18 @@ def load_config(path):
     config["pipelines"] = {name: load_pipeline(spec, base, ["nextflow_workflows", name])
                            for name, spec in pipelines.items()}
     return config
+
+
+def read_json_file(path, where, named):
+    """A configuration file's JSON; `named` puts its path in the message (for files it refers to)."""
+    label = path if named else "the file"
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise ConfigError(where, "cannot read %s: %s" % (label, e.strerror))
+    except ValueError as e:
+        raise ConfigError(where, "%s is not valid JSON: %s" % (label, e))
 
 
 def expect(value, kind, where, description):
@@ -336,13 +343,7 @@ def load_schema(path, where, include_hidden):
     """The dynamic arguments a nextflow_schema.json describes (nf-schema 2020-12 `$defs` or
     nf-validation draft-07 `definitions`, groups brought in by `allOf`, plus top-level `properties`)."""
     where = where + ["schema"]
-    try:
-        with open(path, encoding="utf-8") as f:
-            schema = json.load(f)
-    except OSError as e:
-        raise ConfigError(where, "cannot read %s: %s" % (path, e.strerror))
-    except ValueError as e:
-        raise ConfigError(where, "%s is not valid JSON: %s" % (path, e))
+    schema = read_json_file(path, where, named=True)
     expect(schema, dict, where, "a JSON object (%s)" % path)
     arguments = {}
     for group_title, properties, required in schema_groups(schema, where):
@@ -610,10 +611,14 @@ def remove_tree_atomically(path, trash):
     """Move a file or folder to the trash folder first so it vanishes in one step, then delete it."""
     doomed = os.path.join(trash, "%sdeleted-%s" % (TEMP_PREFIX, secrets.token_hex(8)))
     os.rename(path, doomed)
-    if os.path.isdir(doomed) and not os.path.islink(doomed):
-        shutil.rmtree(doomed, ignore_errors=True)
+    delete_tree(doomed)
+
+
+def delete_tree(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        os.unlink(doomed)
+        os.unlink(path)
 
 
 # ==== Request bodies ====
@@ -848,8 +853,12 @@ class ChunkedWriter:
 def workflow_row(conn, workflow_id):
     row = conn.execute("SELECT * FROM workflows WHERE id = ?", (workflow_id,)).fetchone()
     if row is None:
-        raise ApiError(404, "workflow", "no workflow with id %d" % workflow_id)
+        raise no_workflow(workflow_id)
     return row
+
+
+def no_workflow(workflow_id):
+    return ApiError(404, "workflow", "no workflow with id %d" % workflow_id)
 
 
 RUN_COLUMNS = ("status", "pipeline", "created_at", "started_at", "finished_at", "exit_code", "error_message",
@@ -890,14 +899,18 @@ def workflow_json(row):
 def load_workflow(conn, workflow_id):
     row = conn.execute(WORKFLOW_SELECT + " WHERE w.id = ?", (workflow_id,)).fetchone()
     if row is None:
-        raise ApiError(404, "workflow", "no workflow with id %d" % workflow_id)
+        raise no_workflow(workflow_id)
     return workflow_json(row)
 
 
+def active_run(conn, workflow_id):
+    """The workflow's queued or running run, or None (the schema allows one at a time)."""
+    return conn.execute("SELECT id, status FROM runs WHERE workflow_id = ? AND status IN ('queued', 'running')",
+                        (workflow_id,)).fetchone()
+
+
 def refuse_if_active(conn, workflow_id, action):
-    active = conn.execute("SELECT 1 FROM runs WHERE workflow_id = ? AND status IN ('queued', 'running')",
-                          (workflow_id,)).fetchone()
-    if active:
+    if active_run(conn, workflow_id):
         raise ApiError(409, "workflow", "cannot %s while a run is queued or running" % action)
 
 
@@ -1023,13 +1036,11 @@ def workflow_upload_file(req, id):
     if limit is not None and req.body_left > limit:
         raise ApiError(413, "file", "the upload is larger than %d bytes" % limit)
     parser = MultipartParser(multipart_boundary(req.headers.get("Content-Type")))
-    fields, upload = {}, None
+    fields = {}
+    temp = tempfile.NamedTemporaryFile(dir=req.app.tmp_dir, prefix=TEMP_PREFIX + "upload-", delete=False)
     try:
         with disk_full_is_507():
-            upload = receive_form(req, parser, fields)
-        if upload is None:
-            raise ApiError(422, "file", "a file part with a file name is required")
-        temp, filename = upload
+            filename = receive_form(req, parser, temp, fields)
         try:
             directory = fields.get("directory", b"").decode("utf-8")
         except UnicodeDecodeError:
@@ -1040,52 +1051,45 @@ def workflow_upload_file(req, id):
         if os.path.isdir(target):
             raise ApiError(409, "file", "a folder with that name exists")
         try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
+            make_private_dir(folder)
         except (FileExistsError, NotADirectoryError):
             raise ApiError(409, "directory", "a file is in the way of that folder")
         with disk_full_is_507():
             os.fsync(temp.fileno())
             temp.close()
             os.replace(temp.name, target)
-        upload = None
     finally:
-        if upload is not None:
-            upload[0].close()
-            with contextlib.suppress(OSError):
-                os.unlink(upload[0].name)
+        temp.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp.name)
     return 200, {"directory": directory, "file": filename}
 
 
-def receive_form(req, parser, fields):
-    """Feed the body to `parser`. The `file` part streams into a temp file, returned with its
-    name as (temp, filename); other fields are collected into `fields`."""
-    upload, current = None, None
-    try:
-        for chunk in req.body_chunks():
-            for event in parser.feed(chunk):
-                if event[0] == "part":
-                    current = event[1]
-                    if current == "file":
-                        if upload is not None or event[2] is None:
-                            raise ApiError(422, "file", "expected one `file` part with a file name")
-                        upload = (tempfile.NamedTemporaryFile(dir=req.app.tmp_dir, prefix=TEMP_PREFIX + "upload-",
-                                                              delete=False), event[2])
-                    else:
-                        fields[current] = b""
-                elif event[0] == "data":
-                    if current == "file":
-                        upload[0].write(event[1])
-                    else:
-                        fields[current] += event[1]
-                        if len(fields[current]) > MAX_FORM_FIELD_BYTES:
-                            raise ApiError(413, current, "this form field is too large")
-        parser.close()
-    except BaseException:
-        if upload is not None:
-            upload[0].close()
-            os.unlink(upload[0].name)
-        raise
-    return upload
+def receive_form(req, parser, temp, fields):
+    """Feed the body to `parser`: the `file` part streams into `temp`, other fields are collected
+    into `fields`. Returns the file part's file name."""
+    filename, current = None, None
+    for chunk in req.body_chunks():
+        for event in parser.feed(chunk):
+            if event[0] == "part":
+                current = event[1]
+                if current == "file":
+                    if filename is not None or event[2] is None:
+                        raise ApiError(422, "file", "expected one `file` part with a file name")
+                    filename = event[2]
+                else:
+                    fields[current] = b""
+            elif event[0] == "data":
+                if current == "file":
+                    temp.write(event[1])
+                else:
+                    fields[current] += event[1]
+                    if len(fields[current]) > MAX_FORM_FIELD_BYTES:
+                        raise ApiError(413, current, "this form field is too large")
+    parser.close()
+    if filename is None:
+        raise ApiError(422, "file", "a file part with a file name is required")
+    return filename
 
 
 @contextlib.contextmanager
@@ -1119,7 +1123,7 @@ def workflow_create_folder(req, id):
     """Create a folder (and its parents)."""
     target = workflow_path_request(req, id, "create")
     try:
-        os.makedirs(target, mode=0o700, exist_ok=True)
+        make_private_dir(target)
     except (FileExistsError, NotADirectoryError):
         raise ApiError(409, "path", "a file is in the way")
     return 200, None
@@ -1245,8 +1249,7 @@ def workflow_cancel(req, id):
     now = time.time()
     with req.db() as conn, write_tx(conn):
         workflow_row(conn, id)
-        run = conn.execute("SELECT id, status FROM runs WHERE workflow_id = ? AND status IN ('queued', 'running')",
-                           (id,)).fetchone()
+        run = active_run(conn, id)
         if run is None:
             raise ApiError(409, "workflow", "no queued or running run to cancel")
         if run["status"] == "queued":
@@ -1343,7 +1346,7 @@ def record_task(conn, run_id, trace):
         return
     exit_code = trace.get("exit")
     values = (text_or_none(trace.get("name")), text_or_none(trace.get("process")), text_or_none(trace.get("tag")),
-              status, exit_code if is_int(exit_code) and exit_code != 2147483647 else None,
+              status, exit_code if is_int(exit_code) and exit_code != NEXTFLOW_UNKNOWN_EXIT else None,
               epoch_ms(trace.get("submit")), epoch_ms(trace.get("start")), epoch_ms(trace.get("complete")),
               trace.get("attempt") if is_int(trace.get("attempt")) else None, text_or_none(trace.get("workdir")))
     if old is None:
@@ -2286,11 +2289,7 @@ class App:
     def reconcile(self):
         """Clean up after a killed server: temp files, and folders of workflows that were deleted."""
         for name in os.listdir(self.tmp_dir):
-            path = os.path.join(self.tmp_dir, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
+            delete_tree(os.path.join(self.tmp_dir, name))
         with self.db.connection() as conn, write_tx(conn):
             known = {str(row[0]) for row in conn.execute("SELECT id FROM workflows")}
             # Workers keep running while the server is down: give them a full lease to report back.

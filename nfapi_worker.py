@@ -282,8 +282,7 @@ class Worker:
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
     def shutdown(self):
-        with self.lock:
-            runs = list(self.runs.values())
+        runs = self.active()
         if runs:
             log("stopping %d run(s)", len(runs))
         for run in runs:

@@ -10,6 +10,15 @@ from conftest import ROOT, processes_with_marker, ready_workflow, wait_final, wa
 SCRIPT = os.path.join(ROOT, "examples", "demo", "main.nf")
 
 
+def start_long_run(api):
+    """A ready workflow scheduled, once its first task was submitted (the worker's tasks run long)."""
+    wid = ready_workflow(api)
+    assert api.post("/api/workflows/%d/schedule" % wid).status == 200
+    wait_for(lambda: api.get("/api/workflows/%d" % wid).json()["workflow"]["submitted_processes"] == 1,
+             interval=0.01, message="the first task to be submitted")
+    return wid
+
+
 def run_to_end(api, **workflow):
     """A ready workflow scheduled and followed to its final state: (workflow id, workflow)."""
     wid = ready_workflow(api, **workflow)
@@ -128,10 +137,7 @@ def test_resume_sequence_f(stand):
 def test_cancel_running_run_sequence_g(stand):
     worker = stand.worker(env={"FAKE_NF_TASK_SECONDS": "60"})
     api = stand.client()
-    wid = ready_workflow(api)
-    api.post("/api/workflows/%d/schedule" % wid)
-    wait_for(lambda: api.get("/api/workflows/%d" % wid).json()["workflow"]["submitted_processes"] == 1,
-             message="the first task to start")
+    wid = start_long_run(api)
     resp = api.post("/api/workflows/%d/cancel" % wid)
     assert resp.status == 200 and resp.json()["workflow"]["status"] == "running"
     wf = wait_final(api, wid, timeout=15)
@@ -165,9 +171,7 @@ def test_missing_nextflow_binary_fails_the_run(stand, tmp_path):
 def test_worker_sigterm_stops_and_reports_its_runs(stand):
     worker = stand.worker(env={"FAKE_NF_TASK_SECONDS": "60"})
     api = stand.client()
-    wid = ready_workflow(api)
-    api.post("/api/workflows/%d/schedule" % wid)
-    wait_for(lambda: api.get("/api/workflows/%d" % wid).json()["workflow"]["submitted_processes"] == 1)
+    wid = start_long_run(api)
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(20) == 0
     wf = api.get("/api/workflows/%d" % wid).json()["workflow"]
@@ -178,9 +182,7 @@ def test_worker_sigterm_stops_and_reports_its_runs(stand):
 def test_worker_sigkill_leaves_nothing_running_and_the_run_is_lost(stand):
     worker = stand.worker(env={"FAKE_NF_TASK_SECONDS": "60"})
     api = stand.client()
-    wid = ready_workflow(api)
-    api.post("/api/workflows/%d/schedule" % wid)
-    wait_for(lambda: api.get("/api/workflows/%d" % wid).json()["workflow"]["submitted_processes"] == 1)
+    wid = start_long_run(api)
     assert len(processes_with_marker(worker.marker)) >= 3  # worker, nextflow, a task
     worker.proc.kill()
     worker.proc.wait()
@@ -193,9 +195,7 @@ def test_worker_sigkill_leaves_nothing_running_and_the_run_is_lost(stand):
 def test_server_sigkill_and_restart_mid_run(stand):
     stand.worker(env={"FAKE_NF_TASK_SECONDS": "2"})
     api = stand.client()
-    wid = ready_workflow(api)
-    api.post("/api/workflows/%d/schedule" % wid)
-    wait_for(lambda: api.get("/api/workflows/%d" % wid).json()["workflow"]["submitted_processes"] == 1, interval=0.01)
+    wid = start_long_run(api)
     stand.stop(signal.SIGKILL)
     stand.args = ["--port", str(stand.port)]
     port = stand.port
