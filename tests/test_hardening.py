@@ -33,6 +33,8 @@ def test_schemathesis_over_every_route(server, api, tmp_path):
     """Generated requests from /api/openapi.json: no 5xx, answers as documented, nothing broken."""
     pytest.importorskip("schemathesis", reason="schemathesis needs Python 3.9+; the default Python's run covers this")
     ready_workflow(api, "fuzz target")
+    scratch = tmp_path / "fuzzer"  # schemathesis keeps a cache in its working folder
+    scratch.mkdir()
     before = sorted(os.listdir(str(tmp_path)))
     # Left out: positive/negative data acceptance, which cannot hold here (whether a valid request
     # succeeds depends on state; multipart fields are all text), and the claim long-poll (it waits).
@@ -42,7 +44,7 @@ def test_schemathesis_over_every_route(server, api, tmp_path):
          "--seed", os.environ.get("NFAPI_FUZZ_SEED", "20261129"), "--checks", "all",
          "--exclude-checks", "positive_data_acceptance,negative_data_rejection", "--warnings", "off",
          "--request-timeout", "30"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=str(scratch))
     generated = re.search(r"(\d+) generated", proc.stdout)
     print("schemathesis:", generated.group(0) if generated else "?")
     assert proc.returncode == 0, proc.stdout[-6000:]
