@@ -34,6 +34,7 @@ import contextlib
 import email.message
 import email.utils
 import errno
+import functools
 import glob
 import hmac
 import http.server
@@ -766,55 +767,25 @@ def multipart_boundary(content_type):
 # ==== Answers that are not JSON ====
 
 class Body:
-    """An answer's content: headers, a length (None: chunked) and a function that writes it."""
+    """An answer's content: headers, a length (None: chunked) and a function that writes it, or,
+    for small answers, the bytes themselves (sent with the head in one write)."""
+
+    data = None
 
     def __init__(self, headers, length, write):
         self.headers, self.length, self.write_to = headers, length, write
 
     @classmethod
+    def of(cls, headers, data):
+        body = cls(headers, len(data), None)
+        body.data = data
+        return body
+
+    @classmethod
     def json(cls, value):
         if value is None:
-            return cls({}, 0, lambda handler: None)
-        data = json.dumps(value).encode()
-        return cls({"Content-Type": "application/json"}, len(data), lambda handler: handler.wfile.write(data))
-
-    def write(self, handler):
-        self.write_to(handler)
-
-
-class HeadDeadlineReader:
-    """The connection's input, where reading a request's head (request line and headers) must finish
-    by a deadline: a slowloris client sending a byte at a time cannot hold a thread for long, and an
-    idle keep-alive connection is closed when the deadline passes."""
-
-    def __init__(self, rfile, connection):
-        self.rfile, self.connection = rfile, connection
-        self.deadline = None
-
-    def readline(self, limit=-1):
-        if self.deadline is None:
-            return self.rfile.readline(limit)
-        # The socket timeout applies to each receive, so re-arm it before every one.
-        line = b""
-        while limit < 0 or len(line) < limit:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("the request head took too long")
-            self.connection.settimeout(remaining)
-            buffered = self.rfile.peek(1)
-            if not buffered:
-                break
-            end = buffered.find(b"\n")
-            take = len(buffered) if end < 0 else end + 1
-            if limit >= 0:
-                take = min(take, limit - len(line))
-            line += self.rfile.read(take)
-            if line.endswith(b"\n"):
-                break
-        return line
-
-    def __getattr__(self, name):
-        return getattr(self.rfile, name)
+            return cls.of({}, b"")
+        return cls.of({"Content-Type": "application/json"}, json.dumps(value).encode())
 
 
 class ChunkedWriter:
@@ -1035,7 +1006,7 @@ def workflow_upload_file(req, id):
     limit = req.app.config["max_upload_bytes"]
     if limit is not None and req.body_left > limit:
         raise ApiError(413, "file", "the upload is larger than %d bytes" % limit)
-    parser = MultipartParser(multipart_boundary(req.headers.get("Content-Type")))
+    parser = MultipartParser(multipart_boundary(req.headers.get("content-type")))
     fields = {}
     temp = tempfile.NamedTemporaryFile(dir=req.app.tmp_dir, prefix=TEMP_PREFIX + "upload-", delete=False)
     try:
@@ -1394,7 +1365,7 @@ def worker_claim(req):
 
 def weblog_host(req):
     """Nextflow runs beside the worker, so it reaches the server the way the worker did: its Host."""
-    host = req.headers.get("Host", "")
+    host = req.headers.get("host", "")
     if not re.fullmatch(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", host):
         raise ApiError(400, "Host", "a Host header is needed to build the weblog URL")
     return host
@@ -1552,9 +1523,8 @@ def workflow_log(req, id):
         if offset:
             raise ApiError(416, "offset", "the log is empty")
         data, size = b"", 0
-    return 200, Body({"Content-Type": "text/plain; charset=utf-8", "X-Next-Offset": str(offset + len(data)),
-                      "X-Log-Size": str(size), "X-Run-Status": run["status"], "X-Run-Id": str(run["id"])},
-                     len(data), lambda handler: handler.wfile.write(data))
+    return 200, Body.of({"Content-Type": "text/plain; charset=utf-8", "X-Next-Offset": str(offset + len(data)),
+                         "X-Log-Size": str(size), "X-Run-Status": run["status"], "X-Run-Id": str(run["id"])}, data)
 
 
 def run_log_path(app, run, which):
@@ -1590,11 +1560,11 @@ def file_download(req, f, name):
     etag = '"%x-%x"' % (st.st_mtime_ns, st.st_size)
     headers = {"Content-Type": "application/octet-stream", "Content-Disposition": attachment(name), "ETag": etag,
                "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True), "Accept-Ranges": "bytes"}
-    if req.headers.get("If-None-Match") == etag:
+    if req.headers.get("if-none-match") == etag:
         f.close()
-        return 304, Body(headers, 0, lambda handler: None)
+        return 304, Body.of(headers, b"")
     status, start, length = 200, 0, st.st_size
-    wanted = byte_range(req.headers.get("Range"), st.st_size)
+    wanted = byte_range(req.headers.get("range"), st.st_size)
     if wanted:
         start, end = wanted
         status, length = 206, end - start + 1
@@ -1905,33 +1875,42 @@ OPENAPI = openapi_document()
 
 # ==== HTTP plumbing ====
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """One connection. HTTP/1.1 keep-alive, a Content-Length on every answer, JSON errors.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADER_LINES = 100
+HEAD_END = re.compile(rb"\n\r?\n")
+TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+REQUEST_LINE = re.compile(r"(%s) ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])" % TOKEN)
+# RFC 9112 5: no space before the colon, no line folding; CR, LF and NUL are never part of a value.
+HEADER_LINE = re.compile(r"(%s):[ \t]*([^\x00\r\n]*?)[ \t]*\r?" % TOKEN)
+
+
+class Handler(socketserver.StreamRequestHandler):
+    """One connection: HTTP/1.1 keep-alive, a Content-Length on every answer, JSON errors.
+
+    The request head is parsed here rather than by http.server, whose email-package header parser
+    cost more than all the rest of a weblog post. Header names are lower-cased; a repeated field's
+    values are joined with ", " (RFC 9110 5.3), so a second Content-Length makes the length invalid.
 
     The body is read only by the handler that needs it, never past Content-Length. When an answer
     leaves before the whole body was read, the connection is closed: otherwise the unread bytes
     would be parsed as the next request.
     """
 
-    protocol_version = "HTTP/1.1"
-    # http.server answers an unparsable request line as HTTP/0.9: a bare body with no status line.
-    default_request_version = "HTTP/1.0"
     body_left = None  # bytes of the body not read yet; None until the request is framed
+    requestline = None
+    command = None
 
     def setup(self):
         self.timeout = self.server.app.config["client_timeout"]
         super().setup()
-        self.rfile = HeadDeadlineReader(self.rfile, self.connection)
-        # Headers and body leave in separate writes: without this, Nagle's algorithm holds the body
-        # until the client's delayed ACK (40 ms on Linux) for every small answer.
+        self.headers = {}
+        # Heads and bodies sent in separate writes must not wait for the client's delayed ACK
+        # (Nagle's algorithm: 40 ms per answer on Linux).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     @property
     def app(self):
         return self.server.app
-
-    def version_string(self):
-        return "nfapi"
 
     def finish(self):
         super().finish()
@@ -1955,41 +1934,110 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def db(self):
         return self.app.db.connection()
 
-    # -- dispatch --
+    # -- reading requests --
 
-    def do_GET(self):
-        self.dispatch()
+    def handle(self):
+        self.close_connection = False
+        while not self.close_connection:
+            self.handle_one_request()
 
-    def __getattr__(self, name):
-        # http.server answers 501 for a method without a do_ method: every method is routed
-        # instead, so an unknown one on a known path is 405 with Allow (RFC 9110 15.5.6).
-        if name.startswith("do_"):
-            return self.dispatch
-        raise AttributeError(name)
+    def handle_one_request(self):
+        try:
+            head = self.read_head()
+            if head is None:
+                self.close_connection = True
+                return
+            self.parse_head(head)
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True
+            return
+        except ApiError as e:
+            self.close_connection = True  # after a malformed head, the rest of the input means nothing
+            self.send_api_error(e)
+            return
+        self.connection.settimeout(self.timeout)  # the body may stall client_timeout per read
+        if self.headers.get("expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+            if not self.continue_or_refuse():
+                return
+        if self.command == "OPTIONS":
+            self.preflight()
+        else:
+            self.dispatch()
 
-    def handle_expect_100(self):
-        # Refuse a bad token or an oversized body before the client sends it (RFC 9110 10.1.1).
+    def read_head(self):
+        """The request line and header lines, without the blank line that ends them; None when the
+        client closed the connection between requests.
+
+        The whole head must arrive within `header_timeout`: a client sending a byte at a time cannot
+        hold a thread for long, and an idle keep-alive connection is closed.
+        """
+        deadline = time.monotonic() + self.app.config["header_timeout"]
+        head = b""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the request head took too long")
+            self.connection.settimeout(remaining)  # the timeout applies to each receive: re-arm it
+            buffered = self.rfile.peek()
+            if not buffered:
+                if head:
+                    raise ApiError(400, "request", "the connection was closed inside the request head")
+                return None
+            if not head and buffered[:1] in (b"\r", b"\n"):
+                # Empty lines before a request line are ignored (RFC 9112 2.2).
+                self.rfile.read(len(buffered) - len(buffered.lstrip(b"\r\n")))
+                continue
+            searched = max(0, len(head) - 2)
+            head += buffered
+            end = HEAD_END.search(head, searched)
+            if (end.start() if end else len(head)) > MAX_HEAD_BYTES:
+                if b"\n" not in head[:MAX_HEAD_BYTES]:
+                    raise ApiError(414, "request", "the request line is over %d bytes" % MAX_HEAD_BYTES)
+                raise ApiError(431, "request", "the request head is over %d bytes" % MAX_HEAD_BYTES)
+            if end:
+                self.rfile.read(len(buffered) - (len(head) - end.end()))
+                return head[:end.start()]
+            self.rfile.read(len(buffered))
+
+    def parse_head(self, head):
+        # One handler serves every request of a keep-alive connection: reset per-request state.
+        self.prepared = False
+        self.body_left = None
+        self.json_body = self.query_params = None
+        self.headers = {}
+        lines = head.decode("latin-1").split("\n")
+        self.requestline = lines[0].rstrip("\r")
+        request = REQUEST_LINE.fullmatch(self.requestline)
+        if not request:
+            raise ApiError(400, "request", "bad request line")
+        self.command, self.path = request.group(1), request.group(2)
+        self.request_version = "HTTP/%s.%s" % request.group(3, 4)
+        if request.group(3) >= "2":
+            raise ApiError(505, "request", "this server speaks HTTP/1.1")
+        if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+            raise ApiError(400, "request", "bad HTTP version")
+        if len(lines) > MAX_HEADER_LINES + 1:
+            raise ApiError(431, "request", "more than %d header lines" % MAX_HEADER_LINES)
+        for line in lines[1:]:
+            field = HEADER_LINE.fullmatch(line)
+            if not field:
+                raise ApiError(400, "request", "bad header line: %r" % line[:200])
+            name, value = field.group(1).lower(), field.group(2)
+            self.headers[name] = self.headers[name] + ", " + value if name in self.headers else value
+        options = {option.strip() for option in self.headers.get("connection", "").lower().split(",")}
+        self.close_connection = "close" in options or (self.request_version == "HTTP/1.0" and "keep-alive" not in options)
+
+    def continue_or_refuse(self):
+        """Refuse a bad token or an oversized body before the client sends it (RFC 9110 10.1.1)."""
         try:
             self.prepare()
         except ApiError as e:
             self.send_api_error(e)
             return False
-        return super().handle_expect_100()
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
 
-    def handle_one_request(self):
-        self.rfile.deadline = time.monotonic() + self.app.config["header_timeout"]
-        super().handle_one_request()
-
-    def parse_request(self):
-        # One handler serves every request of a keep-alive connection: reset per-request state.
-        self.prepared = False
-        self.body_left = None
-        self.json_body = self.query_params = None
-        parsed = super().parse_request()  # reads the headers, still under the head's deadline
-        # The head is in: the body, if any, is read with the per-read client_timeout.
-        self.rfile.deadline = None
-        self.connection.settimeout(self.timeout)
-        return parsed
+    # -- dispatch --
 
     def prepare(self):
         """Frame the body, route and authenticate; runs once per request.
@@ -2012,7 +2060,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def authenticate(self):
         """The API token allows everything; the optional read-only token allows GET."""
-        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        scheme, _, token = self.headers.get("authorization", "").partition(" ")
         token = token.strip().encode() if scheme.lower() == "bearer" else b""
         if hmac.compare_digest(token, self.app.token.encode()):
             return
@@ -2025,16 +2073,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def weblog_secret(self):
         token = self.query().get("token")
-        scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
+        scheme, _, credentials = self.headers.get("authorization", "").partition(" ")
         if token is None and scheme.lower() == "basic":
             with contextlib.suppress(ValueError):
                 token = base64.b64decode(credentials.strip(), validate=True).decode("utf-8").partition(":")[2]
         return token or ""
 
     def parse_content_length(self):
-        if "Transfer-Encoding" in self.headers:
+        if "transfer-encoding" in self.headers:
             raise ApiError(411, "body", "chunked bodies are not supported; send Content-Length")
-        value = self.headers.get("Content-Length", "0").strip()
+        value = self.headers.get("content-length", "0")
         if not re.fullmatch(r"[0-9]{1,18}", value):
             raise ApiError(400, "body", "bad Content-Length")
         return int(value)
@@ -2054,6 +2102,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_api_error(ApiError(500, "general", "internal error"))
         if self.body_left != 0:
             self.close_connection = True
+
+    def preflight(self):
+        """A CORS preflight from a listed origin; anything else is an ordinary (unauthenticated) request."""
+        cors = self.cors_headers()
+        if not cors or "access-control-request-method" not in self.headers:
+            return self.dispatch()
+        self.body_left = 0
+        self.send_answer(204, None, {"Access-Control-Allow-Methods": "GET, POST",
+                                     "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                                     "Access-Control-Max-Age": "600"})
 
     # -- request data --
 
@@ -2111,42 +2169,38 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Send `body`: a dict as JSON, None as nothing, a Body as its own content."""
         if not isinstance(body, Body):
             body = Body.json(body)
-        self.send_response(status)
-        merged = dict(body.headers)
-        merged.update(headers or {})
-        merged.update(self.cors_headers())
-        for key, value in merged.items():
-            self.send_header(key, value)
-        self.send_header("X-Content-Type-Options", "nosniff")
+        fields = dict(body.headers)
+        fields.update(headers or {})
+        fields.update(self.cors_headers())
+        fields["X-Content-Type-Options"] = "nosniff"
         if body.length is None:
-            self.send_header("Transfer-Encoding", "chunked")
+            fields["Transfer-Encoding"] = "chunked"
         else:
-            self.send_header("Content-Length", str(body.length))
+            fields["Content-Length"] = str(body.length)
         if self.body_left != 0 or self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            body.write(self)
+            fields["Connection"] = "close"
+            self.close_connection = True
+        head = ("HTTP/1.1 %d %s\r\nServer: nfapi\r\nDate: %s\r\n%s\r\n" % (
+            status, http.HTTPStatus(status).phrase, http_date(int(time.time())),
+            "".join("%s: %s\r\n" % field for field in fields.items()))).encode("latin-1")
+        self.log_request(status, body.length)
+        if self.command == "HEAD":
+            self.wfile.write(head)
+        elif body.data is not None:
+            self.wfile.write(head + body.data)  # one write, one packet for a small answer
+        else:
+            self.wfile.write(head)
+            body.write_to(self)
 
     def cors_headers(self):
         """CORS is off unless the configuration lists the origin (a browser page elsewhere must not
         use the token of a user whose browser happens to hold it)."""
-        origin = self.headers.get("Origin") if getattr(self, "headers", None) else None
+        origin = self.headers.get("origin")
         if origin is None or origin not in self.app.config["cors_origins"]:
             return {}
         return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
                 "Access-Control-Expose-Headers": "X-Next-Offset, X-Log-Size, X-Run-Status, X-Run-Id, "
                                                  "Content-Disposition, Content-Range, ETag"}
-
-    def do_OPTIONS(self):
-        """A CORS preflight from a listed origin; anything else is an ordinary (unauthenticated) request."""
-        cors = self.cors_headers()
-        if not cors or "Access-Control-Request-Method" not in self.headers:
-            return self.dispatch()
-        self.body_left = 0
-        self.send_answer(204, None, {"Access-Control-Allow-Methods": "GET, POST",
-                                     "Access-Control-Allow-Headers": "Authorization, Content-Type",
-                                     "Access-Control-Max-Age": "600"})
 
     def send_api_error(self, error):
         try:
@@ -2154,17 +2208,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (ConnectionError, socket.timeout):
             self.close_connection = True
 
-    def send_error(self, code, message=None, explain=None):
-        """Errors raised by http.server itself (bad request line, 414, 431, 501) as JSON too."""
-        self.close_connection = True
-        self.send_api_error(ApiError(code, "request", message or self.responses.get(code, ("error",))[0]))
-
-    def log_request(self, code="-", size="-"):
-        self.log_message('"%s" %s %s', redact(self.requestline), code, size)
-
-    def log_message(self, format, *args):
+    def log_request(self, status, size):
         if not self.app.quiet:
-            super().log_message(format, *args)
+            sys.stderr.write('%s - - [%s] "%s" %s %s\n' % (self.client_address[0], time.strftime("%d/%b/%Y %H:%M:%S"),
+                                                          redact(self.requestline or ""), status,
+                                                          "-" if size is None else size))
+
+
+@functools.lru_cache(maxsize=2)
+def http_date(second):
+    return email.utils.formatdate(second, usegmt=True)
 
 
 def redact(text):
