@@ -42,7 +42,6 @@ import json
 import math
 import os
 import posixpath
-import queue
 import re
 import secrets
 import shutil
@@ -473,11 +472,24 @@ MIGRATIONS = [
         PRIMARY KEY (run_id, task_id)
     ) WITHOUT ROWID;
     """,
+    # A run's task counters follow its tasks in the same statement, whoever writes them.
+    """
+    CREATE TRIGGER tasks_counted AFTER INSERT ON tasks BEGIN
+        UPDATE runs SET submitted = submitted + 1, completed = completed + (NEW.status = 'COMPLETED'),
+                        failed = failed + (NEW.status IN ('FAILED', 'ABORTED'))
+        WHERE id = NEW.run_id;
+    END;
+    CREATE TRIGGER tasks_recounted AFTER UPDATE OF status ON tasks BEGIN
+        UPDATE runs SET completed = completed + (NEW.status = 'COMPLETED') - (OLD.status = 'COMPLETED'),
+                        failed = failed + (NEW.status IN ('FAILED', 'ABORTED')) - (OLD.status IN ('FAILED', 'ABORTED'))
+        WHERE id = NEW.run_id;
+    END;
+    """,
 ]
 
 
 def connect(path):
-    """Open a connection with every per-connection setting; transactions are explicit (write_tx)."""
+    """Open a connection with every per-connection setting; transactions are explicit (Database.write)."""
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA foreign_keys = ON")
@@ -485,72 +497,81 @@ def connect(path):
     return conn
 
 
-# SQLite admits one writer at a time, and a connection that finds the lock taken sleeps in its
-# busy handler (1, 2, 5, 10... ms). Threads of this process queue on this lock instead; the busy
-# timeout is left for other processes.
-WRITE_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def write_tx(conn):
-    """The one write transaction: BEGIN IMMEDIATE takes the write lock up front, so a
-    read-then-write never fails half-way with "database is locked" under WAL."""
-    with WRITE_LOCK:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-
 class Database:
-    """A pool of connections: a request takes one, uses it alone, and gives it back."""
+    """Reads use a pool of connections: a request takes one, uses it alone, and gives it back.
+    Writes go through one connection, one transaction at a time (see write)."""
 
     def __init__(self, path):
         self.path = path
-        self.idle = queue.LifoQueue()
+        self.idle = []  # list.pop and list.append are atomic: no lock needed
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
-        with self.connection() as conn:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                sys.exit("nfapi: SQLite refused WAL mode for %s (journal_mode=%s). The data folder is "
-                         "probably on a network filesystem (NFS, GPFS, Lustre); put --data on a local disk."
-                         % (path, mode))
-            migrate(conn)
+        self.writer = connect(path)
+        self.write_lock = threading.Lock()
+        mode = self.writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            sys.exit("nfapi: SQLite refused WAL mode for %s (journal_mode=%s). The data folder is "
+                     "probably on a network filesystem (NFS, GPFS, Lustre); put --data on a local disk."
+                     % (path, mode))
+        migrate(self)
 
     @contextlib.contextmanager
     def connection(self):
         try:
-            conn = self.idle.get_nowait()
-        except queue.Empty:
+            conn = self.idle.pop()
+        except IndexError:
             conn = connect(self.path)
         try:
             yield conn
         finally:
-            if conn.in_transaction:
-                conn.close()
-            else:
-                self.idle.put(conn)
+            self.idle.append(conn)
+
+    @contextlib.contextmanager
+    def write(self):
+        """The one write transaction. BEGIN IMMEDIATE takes SQLite's write lock up front, so a
+        read-then-write never fails half-way with "database is locked".
+
+        SQLite admits one writer at a time, and a connection that finds the lock taken sleeps in
+        its busy handler (1, 2, 5, 10... ms): threads of this process queue on write_lock instead
+        (the busy timeout is left for other processes). They share one connection, whose page
+        cache stays valid from one write to the next; each pooled connection would re-read the
+        pages another one changed.
+        """
+        with self.write_lock:
+            conn = self.writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
 
     def close(self):
-        while not self.idle.empty():
-            self.idle.get_nowait().close()
+        for conn in self.idle + [self.writer]:
+            conn.close()
 
 
-def migrate(conn):
+def migrate(db):
     """Apply pending MIGRATIONS, each with its user_version bump in one transaction."""
     while True:
-        with write_tx(conn):
+        with db.write() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version >= len(MIGRATIONS):
                 return
-            for statement in MIGRATIONS[version].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in sql_statements(MIGRATIONS[version]):
+                conn.execute(statement)
             conn.execute("PRAGMA user_version = %d" % (version + 1))
+
+
+def sql_statements(script):
+    """The statements of a script, each whole (a trigger's body has semicolons of its own)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
 
 
 # ==== Filesystem ====
@@ -624,11 +645,16 @@ def delete_tree(path):
 
 # ==== Request bodies ====
 
+def refuse_constant(name):
+    raise ValueError("%s is not JSON" % name)
+
+
+JSON_DECODER = json.JSONDecoder(parse_constant=refuse_constant)  # NaN and Infinity are not JSON
+
+
 def parse_json(data):
-    def refuse_constant(name):
-        raise ValueError("%s is not JSON" % name)
     try:
-        value = json.loads(data.decode("utf-8"), parse_constant=refuse_constant)
+        value = JSON_DECODER.decode(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ApiError(400, "body", "not valid JSON: %s" % str(e)[:200])
     return value
@@ -935,11 +961,11 @@ def workflow_create(req):
     name = req.json().get("name")
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_LENGTH:
         raise ApiError(422, "name", "must be a string of 1 to %d characters" % MAX_NAME_LENGTH)
+    with req.app.db.write() as conn:
+        workflow_id = conn.execute("INSERT INTO workflows (name, created_at) VALUES (?, ?)",
+                                   (name, time.time())).lastrowid
+    make_private_dir(req.app.workflow_dir(workflow_id))
     with req.db() as conn:
-        with write_tx(conn):
-            workflow_id = conn.execute("INSERT INTO workflows (name, created_at) VALUES (?, ?)",
-                                       (name, time.time())).lastrowid
-        make_private_dir(req.app.workflow_dir(workflow_id))
         return 200, {"workflow": load_workflow(conn, workflow_id)}
 
 
@@ -956,7 +982,7 @@ def workflow_update(req, id):
     given = body.get("nextflow_arguments", {})
     if not isinstance(given, dict):
         raise ApiError(422, "nextflow_arguments", "must be an object of arguments by name")
-    with req.db() as conn, write_tx(conn):
+    with req.app.db.write() as conn:
         row = workflow_row(conn, id)
         refuse_if_active(conn, id, "change a workflow")
         name = body.get("nextflow_workflow", row["nextflow_workflow"])
@@ -975,7 +1001,7 @@ def workflow_update(req, id):
 
 def workflow_delete(req, id):
     """Delete a workflow, its files and its runs (not while a run is active)."""
-    with req.db() as conn, write_tx(conn):
+    with req.app.db.write() as conn:
         workflow_row(conn, id)
         refuse_if_active(conn, id, "delete a workflow")
         conn.execute("DELETE FROM workflows WHERE id = ?", (id,))
@@ -1105,18 +1131,18 @@ def workflow_schedule(req, id):
     resume = req.json().get("resume", False)
     if not isinstance(resume, bool):
         raise ApiError(422, "resume", "must be true or false")
+    # Checked outside the transaction (it reads the disk); the insert then makes sure the
+    # workflow is still what was checked.
     with req.db() as conn:
-        # Checked outside the transaction (it reads the disk); the insert then makes sure the
-        # workflow is still what was checked.
         checked, name, arguments, params, session = prepare_run(req.app, conn, id, resume)
-        with write_tx(conn):
-            refuse_if_active(conn, id, "schedule a workflow")
-            if tuple(workflow_row(conn, id)) != tuple(checked):
-                raise ApiError(409, "workflow", "the workflow changed while it was being scheduled; try again")
-            conn.execute("INSERT INTO runs (workflow_id, status, pipeline, arguments, params, resume, resume_session, "
-                         "secret, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                         (id, name, json.dumps(arguments), json.dumps(params), int(resume), session,
-                          secrets.token_urlsafe(24), time.time()))
+    with req.app.db.write() as conn:
+        refuse_if_active(conn, id, "schedule a workflow")
+        if tuple(workflow_row(conn, id)) != tuple(checked):
+            raise ApiError(409, "workflow", "the workflow changed while it was being scheduled; try again")
+        conn.execute("INSERT INTO runs (workflow_id, status, pipeline, arguments, params, resume, resume_session, "
+                     "secret, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                     (id, name, json.dumps(arguments), json.dumps(params), int(resume), session,
+                      secrets.token_urlsafe(24), time.time()))
     req.app.announce_work()
     return 200, {"is_scheduled": True}
 
@@ -1218,7 +1244,7 @@ def param_value(definition, root, name):
 def workflow_cancel(req, id):
     """Cancel the active run: a queued one at once, a running one through its worker (SIGTERM)."""
     now = time.time()
-    with req.db() as conn, write_tx(conn):
+    with req.app.db.write() as conn:
         workflow_row(conn, id)
         run = active_run(conn, id)
         if run is None:
@@ -1240,7 +1266,7 @@ def workflow_finished(req, id):
     if exit_code is not None and not is_int(exit_code):
         raise ApiError(422, "exit_code", "must be an integer or null")
     console_error = body.get("error") if isinstance(body.get("error"), str) else None
-    with req.db() as conn, write_tx(conn):
+    with req.app.db.write() as conn:
         run = conn.execute("SELECT * FROM runs WHERE id = ? AND workflow_id = ?", (run_id, id)).fetchone()
         if run is None:
             raise ApiError(404, "run_id", "no such run for this workflow")
@@ -1276,14 +1302,15 @@ def workflow_nextflow_log(req, id):
     works too. Counting is idempotent: tasks are rows keyed by (run, task_id).
     """
     run_id = req.query_int("run", None)
-    with req.db() as conn:
+    message = req.json()
+    # The secret is checked in the write transaction: the writing connection has the run's page
+    # cached, and the run cannot be deleted between the check and the write.
+    with req.app.db.write() as conn:
         row = None if run_id is None else conn.execute(
             "SELECT secret FROM runs WHERE id = ? AND workflow_id = ?", (run_id, id)).fetchone()
         if row is None or not hmac.compare_digest(req.weblog_secret().encode(), row["secret"].encode()):
             raise ApiError(401, "token", "missing or wrong run secret", {"WWW-Authenticate": 'Basic realm="nfapi run"'})
-        message = req.json()
-        with write_tx(conn):
-            record_weblog(conn, run_id, message)
+        record_weblog(conn, run_id, message)
     return 200, None
 
 
@@ -1306,30 +1333,34 @@ def record_weblog(conn, run_id, message):
 
 
 def record_task(conn, run_id, trace):
-    """Upsert one task; move the run's counters by the change of this task's status only."""
+    """Upsert one task. Its status only moves forward (a late RUNNING never undoes COMPLETED, and a
+    final status never changes), so a repeated or reordered post counts once; triggers keep the
+    run's counters."""
     task_id, status = trace.get("task_id"), trace.get("status")
     if not is_int(task_id) or status not in TASK_STATUS_RANK:
         return
-    old = conn.execute("SELECT status FROM tasks WHERE run_id = ? AND task_id = ?", (run_id, task_id)).fetchone()
-    old_status = old["status"] if old else None
-    if old_status and (TASK_STATUS_RANK[status] < TASK_STATUS_RANK[old_status]
-                       or TASK_STATUS_RANK[old_status] == 3 and status != old_status):
-        return
     exit_code = trace.get("exit")
-    values = (text_or_none(trace.get("name")), text_or_none(trace.get("process")), text_or_none(trace.get("tag")),
-              status, exit_code if is_int(exit_code) and exit_code != NEXTFLOW_UNKNOWN_EXIT else None,
-              epoch_ms(trace.get("submit")), epoch_ms(trace.get("start")), epoch_ms(trace.get("complete")),
-              trace.get("attempt") if is_int(trace.get("attempt")) else None, text_or_none(trace.get("workdir")))
-    if old is None:
-        conn.execute("INSERT INTO tasks (name, process, tag, status, exit, submit, start, complete, attempt, workdir, "
-                     "run_id, task_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values + (run_id, task_id))
-    else:
-        conn.execute("UPDATE tasks SET name = ?, process = ?, tag = ?, status = ?, exit = ?, submit = ?, start = ?, "
-                     "complete = ?, attempt = ? , workdir = ? WHERE run_id = ? AND task_id = ?", values + (run_id, task_id))
-    done = ("FAILED", "ABORTED")
-    conn.execute("UPDATE runs SET submitted = submitted + ?, completed = completed + ?, failed = failed + ? WHERE id = ?",
-                 (old is None, (status == "COMPLETED") - (old_status == "COMPLETED"),
-                  (status in done) - (old_status in done), run_id))
+    conn.execute(UPSERT_TASK, (
+        run_id, task_id, text_or_none(trace.get("name")), text_or_none(trace.get("process")),
+        text_or_none(trace.get("tag")), status,
+        exit_code if is_int(exit_code) and exit_code != NEXTFLOW_UNKNOWN_EXIT else None,
+        epoch_ms(trace.get("submit")), epoch_ms(trace.get("start")), epoch_ms(trace.get("complete")),
+        trace.get("attempt") if is_int(trace.get("attempt")) else None, text_or_none(trace.get("workdir"))))
+
+
+def status_rank_sql(column):
+    return "CASE %s %s END" % (column, " ".join("WHEN '%s' THEN %d" % item for item in TASK_STATUS_RANK.items()))
+
+
+UPSERT_TASK = """
+    INSERT INTO tasks (run_id, task_id, name, process, tag, status, exit, submit, start, complete, attempt, workdir)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (run_id, task_id) DO UPDATE SET
+        name = excluded.name, process = excluded.process, tag = excluded.tag, status = excluded.status,
+        exit = excluded.exit, submit = excluded.submit, start = excluded.start, complete = excluded.complete,
+        attempt = excluded.attempt, workdir = excluded.workdir
+    WHERE excluded.status = tasks.status OR (%(old)s < 3 AND %(new)s >= %(old)s)
+""" % {"old": status_rank_sql("tasks.status"), "new": status_rank_sql("excluded.status")}
 
 
 def text_or_none(value):
@@ -1374,7 +1405,7 @@ def weblog_host(req):
 def claim_next_run(app, worker, host):
     """Atomically move the oldest queued run to running for `worker` and return its launch spec."""
     now = time.time()
-    with app.db.connection() as conn, write_tx(conn):
+    with app.db.write() as conn:
         while True:
             run = conn.execute("SELECT * FROM runs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
             if run is None:
@@ -1418,7 +1449,7 @@ def worker_release(req):
     body = req.json()
     if not is_int(body.get("run_id")) or not isinstance(body.get("worker"), str):
         raise ApiError(422, "run_id", "give the worker and the run_id it claimed")
-    with req.db() as conn, write_tx(conn):
+    with req.app.db.write() as conn:
         released = conn.execute("UPDATE runs SET status = 'queued', worker = NULL, started_at = NULL, lease_until = NULL, "
                                 "command = NULL WHERE id = ? AND worker = ? AND status = 'running'",
                                 (body["run_id"], body["worker"])).rowcount
@@ -1439,7 +1470,7 @@ def worker_heartbeat(req):
     if not run_ids:
         return 200, {"cancel": [], "gone": []}
     marks = ",".join("?" * len(run_ids))
-    with req.db() as conn, write_tx(conn):
+    with req.app.db.write() as conn:
         conn.execute("UPDATE runs SET lease_until = ? WHERE status = 'running' AND worker = ? AND id IN (%s)" % marks,
                      [time.time() + req.app.config["lease_seconds"], worker] + run_ids)
         rows = conn.execute("SELECT id, status, worker, cancel_requested FROM runs WHERE id IN (%s)" % marks,
@@ -2319,7 +2350,7 @@ class App:
     def reap_lost_runs(self):
         """Runs whose worker stopped sending heartbeats are `lost`, with the reason recorded."""
         now = time.time()
-        with self.db.connection() as conn, write_tx(conn):
+        with self.db.write() as conn:
             conn.execute("UPDATE runs SET status = 'lost', finished_at = ?, error_message = ? "
                          "WHERE status = 'running' AND lease_until < ?",
                          (now, "the worker stopped sending heartbeats", now))
@@ -2343,7 +2374,7 @@ class App:
         """Clean up after a killed server: temp files, and folders of workflows that were deleted."""
         for name in os.listdir(self.tmp_dir):
             delete_tree(os.path.join(self.tmp_dir, name))
-        with self.db.connection() as conn, write_tx(conn):
+        with self.db.write() as conn:
             known = {str(row[0]) for row in conn.execute("SELECT id FROM workflows")}
             # Workers keep running while the server is down: give them a full lease to report back.
             conn.execute("UPDATE runs SET lease_until = ? WHERE status = 'running'",
