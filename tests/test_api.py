@@ -69,12 +69,15 @@ def test_create_rejects_bad_names(api):
 
 def test_bad_json_bodies(api):
     cases = [(b"{", 400), (b"[1, 2]", 422), (b'"name"', 422), (b"\xff\xfe", 400), (b'{"name": NaN}', 400),
-             (b"[" * 100000, 400)]
+             (b"[" * 100000, 400), (b'{"name": "\\ud800"}', 400), (b'{"name": "a\\uDC00b"}', 400)]
     for body, status in cases:
         resp = api.post("/api/workflows/create", body, headers={"Content-Type": "application/json"})
         assert resp.status == status, (body[:20], resp)
         assert "body" in resp.json()["errors"]
     assert api.get("/api/workflows/count").json() == {"count": 0}
+    # An escaped surrogate pair is one character, and fine.
+    resp = api.post("/api/workflows/create", b'{"name": "ok \\ud83d\\ude00"}', headers={"Content-Type": "application/json"})
+    assert resp.status == 200 and resp.json()["workflow"]["name"] == "ok \U0001F600"
 
 
 def test_json_body_limit(api):

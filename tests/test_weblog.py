@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import subprocess
+import threading
 import urllib.parse
 
 import pytest
@@ -95,6 +96,10 @@ def test_duplicates_and_out_of_order_posts_do_not_change_counts(stand):
     # A task whose first post is its completion counts as submitted and completed.
     post(api, target, trace_event("process_completed", 4, "COMPLETED", 0))
     assert counts(api, wid) == (4, 2, 2)
+    # A name no database could store (a lone surrogate) is refused and counts nothing.
+    assert post(api, target, json.dumps(trace_event("process_completed", 5, "COMPLETED", 0)).replace(
+        '"P (5)"', '"P \\ud800"').encode()).status == 400
+    assert counts(api, wid) == (4, 2, 2)
 
 
 def test_secrets_are_per_run(stand):
@@ -119,6 +124,31 @@ def test_secrets_are_per_run(stand):
     basic = {"Authorization": "Basic " + base64.b64encode(("nextflow:" + secret1).encode()).decode()}
     assert post(api, target1._replace(query="run=" + run1), trace_event("process_submitted", 1, "SUBMITTED"), basic).status == 200
     assert counts(api, wid1) == (1, 0, 0)
+
+
+def test_simultaneous_posts_of_many_runs_are_each_counted_once(stand):
+    """Posts that arrive together share a write transaction; a wrong secret among them fails alone."""
+    api = stand.client()
+    runs = [scheduled_run(api, "together %d" % i) for i in range(6)]
+    forged = runs[0][2]._replace(query="run=%s&token=wrong" % urllib.parse.parse_qs(runs[0][2].query)["run"][0])
+    statuses = {}
+
+    def send(key, target):
+        client = stand.client()
+        for task in range(1, 151):
+            resp = post(client, target, trace_event("process_completed", task, "COMPLETED" if task % 5 else "FAILED", 0))
+            statuses.setdefault(key, set()).add(resp.status)
+    threads = [threading.Thread(target=send, args=(wid, target)) for wid, _, target in runs]
+    threads += [threading.Thread(target=send, args=("forged %d" % i, forged)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(statuses[key] == {200} for key, _, _ in runs) and statuses["forged 0"] == statuses["forged 1"] == {401}
+    for wid, _, target in runs:
+        assert counts(api, wid) == (150, 120, 30)
+    assert api.get("/api/workflows/%d/runs/%s/tasks?status=FAILED" % (
+        runs[0][0], urllib.parse.parse_qs(runs[0][2].query)["run"][0])).json()["tasks"][0]["task_id"] == 5
 
 
 def test_envelopes_of_every_era_and_junk(stand):
