@@ -723,8 +723,10 @@ class MultipartParser:
         self.in_part = False
 
     def feed(self, chunk):
-        self.buffer += chunk
         events = []
+        if self.state == "body" and self.feed_body_fast(chunk, events):
+            return events
+        self.buffer += chunk
         while self.state != "done":
             step = getattr(self, "_" + self.state)(events)
             if not step:
@@ -734,6 +736,18 @@ class MultipartParser:
     def close(self):
         if self.state != "done":
             raise ApiError(400, "body", "the multipart body ended early")
+
+    def feed_body_fast(self, chunk, events):
+        """Inside a part, a chunk with no delimiter in it or across its start becomes data without
+        being copied: the bulk of an upload. False when the general path must handle it."""
+        keep = len(self.delimiter) - 1
+        if len(chunk) < keep or self.delimiter in self.buffer + chunk[:keep] or self.delimiter in chunk:
+            return False
+        if self.buffer:
+            events.append(("data", self.buffer))
+        events.append(("data", memoryview(chunk)[:-keep]))
+        self.buffer = chunk[-keep:]
+        return True
 
     def _preamble(self, events):
         at = self.buffer.find(self.delimiter)
