@@ -1998,6 +1998,8 @@ class Handler(socketserver.StreamRequestHandler):
     """
 
     body_left = None  # bytes of the body not read yet; None until the request is framed
+    body_buffered = 0  # bytes after the head that came with it
+    current_receive_timeout = None
     requestline = None
     command = None
 
@@ -2011,7 +2013,7 @@ class Handler(socketserver.StreamRequestHandler):
         # A Python socket timeout polls before every receive and send, and each poll gives up the
         # GIL once more: a fifth of a weblog post's cost with 16 runs posting at once. A receive
         # that times out then reads as the end of input, a send as BlockingIOError (CLIENT_GONE).
-        self.set_timeout(socket.SO_SNDTIMEO, self.app.config["client_timeout"])
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(self.app.config["client_timeout"]))
 
     @property
     def app(self):
@@ -2032,13 +2034,16 @@ class Handler(socketserver.StreamRequestHandler):
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_WR)
             while time.monotonic() < deadline:
-                self.set_timeout(socket.SO_RCVTIMEO, deadline - time.monotonic())
+                self.receive_timeout(deadline - time.monotonic())
                 if not self.connection.recv(READ_CHUNK):
                     break
 
-    def set_timeout(self, option, seconds):
-        seconds = max(seconds, 0.001)  # a zero timeval means "wait forever"
-        self.connection.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+    def receive_timeout(self, seconds):
+        """Set SO_RCVTIMEO, but only when it changes: setsockopt keeps the GIL while it waits for
+        the socket's lock, which the kernel holds while packets arrive."""
+        if seconds != self.current_receive_timeout:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(seconds))
+            self.current_receive_timeout = seconds
 
     def db(self):
         return self.app.db.connection()
@@ -2064,7 +2069,6 @@ class Handler(socketserver.StreamRequestHandler):
             self.close_connection = True  # after a malformed head, the rest of the input means nothing
             self.send_api_error(e)
             return
-        self.set_timeout(socket.SO_RCVTIMEO, self.app.config["client_timeout"])  # for each read of the body
         if self.headers.get("expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             if not self.continue_or_refuse():
                 return
@@ -2086,7 +2090,9 @@ class Handler(socketserver.StreamRequestHandler):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout("the request head took too long")
-            self.set_timeout(socket.SO_RCVTIMEO, remaining)  # it applies to each receive: re-arm it
+            # It applies to each receive: re-arm it, in whole seconds (the same value, request
+            # after request, is not set again).
+            self.receive_timeout(math.ceil(remaining))
             buffered = self.rfile.peek()
             if not buffered:
                 if time.monotonic() >= deadline:
@@ -2107,6 +2113,7 @@ class Handler(socketserver.StreamRequestHandler):
                 raise ApiError(431, "request", "the request head is over %d bytes" % MAX_HEAD_BYTES)
             if end:
                 self.rfile.read(len(buffered) - (len(head) - end.end()))
+                self.body_buffered = len(head) - end.end()
                 return head[:end.start()]
             self.rfile.read(len(buffered))
 
@@ -2227,6 +2234,8 @@ class Handler(socketserver.StreamRequestHandler):
     # -- request data --
 
     def body_chunks(self):
+        if self.body_left > self.body_buffered:  # it will be received: each receive may take client_timeout
+            self.receive_timeout(self.app.config["client_timeout"])
         while self.body_left:
             try:
                 chunk = self.rfile.read1(min(READ_CHUNK, self.body_left))
@@ -2329,6 +2338,11 @@ class Handler(socketserver.StreamRequestHandler):
 @functools.lru_cache(maxsize=2)
 def http_date(second):
     return email.utils.formatdate(second, usegmt=True)
+
+
+def timeval(seconds):
+    seconds = max(seconds, 0.001)  # a zero timeval means "wait forever"
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
 
 
 def redact(text):
