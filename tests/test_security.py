@@ -139,6 +139,27 @@ def test_protocol_errors_are_json(server):
         assert b"<html" not in answer.lower()
 
 
+def test_request_heads_are_parsed_strictly(server):
+    auth = b"Authorization: Bearer " + server.token.encode() + b"\r\n"
+    count = b"GET /api/workflows/count HTTP/1.1\r\nHost: x\r\n"
+    create = b"POST /api/workflows/create HTTP/1.1\r\nHost: x\r\n" + auth
+    for data in (create + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\n{}",  # repeated length
+                 count + auth + b"X-Folded: a\r\n  b\r\n\r\n",  # obsolete line folding
+                 count + auth + b"X-Space : a\r\n\r\n",  # space before the colon
+                 count + auth + b"X-Cr: a\rb\r\n\r\n", count + auth + b"X-Nul: a\x00b\r\n\r\n",
+                 count + auth + b"no colon here\r\n\r\n", b"GET /api/workflows/count HTTP/1.2\r\n" + auth + b"\r\n",
+                 b"GET  /api/workflows/count HTTP/1.1\r\n" + auth + b"\r\n"):
+        answer = raw_request(server.port, data)
+        assert answer.startswith(b"HTTP/1.1 400 ") and b'"errors"' in answer, (data, answer[:200])
+    assert raw_request(server.port, b"GET / HTTP/2.0\r\n\r\n").startswith(b"HTTP/1.1 505 ")
+    # Lenient where RFC 9112 allows: bare LF line ends, empty lines before the request line,
+    # any case in names; HTTP/1.0 closes the connection after the answer.
+    answer = raw_request(server.port, b"\r\n\r\nGET /api/workflows/count HTTP/1.0\nhost: x\nauthorization: Bearer " +
+                         server.token.encode() + b"\n\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"count": 0}'), answer
+    assert raw_request(server.port, create + b"Connection: close\r\nContent-Length: 2\r\n\r\n{}").startswith(b"HTTP/1.1 422 ")
+
+
 def test_expect_100_continue_is_refused_before_the_body(server):
     body, ctype = multipart_body([("file", "big.bin", b"x" * 10)])
     head = ("POST /api/workflows/1/upload-file HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\n"
