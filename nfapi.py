@@ -2120,7 +2120,7 @@ class Handler(socketserver.StreamRequestHandler):
     def parse_head(self, head):
         # One handler serves every request of a keep-alive connection: reset per-request state.
         self.prepared = False
-        self.body_left = None
+        self.body_left = self.command = None
         self.json_body = self.query_params = None
         self.headers = {}
         lines = head.decode("latin-1").split("\n")

@@ -152,6 +152,9 @@ def test_request_heads_are_parsed_strictly(server):
         answer = raw_request(server.port, data)
         assert answer.startswith(b"HTTP/1.1 400 ") and b'"errors"' in answer, (data, answer[:200])
     assert raw_request(server.port, b"GET / HTTP/2.0\r\n\r\n").startswith(b"HTTP/1.1 505 ")
+    # A bad request after a HEAD on the same connection still gets its error body.
+    answer = raw_request(server.port, b"HEAD /api/workflows/count HTTP/1.1\r\n" + auth + b"\r\nGARBAGE\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 405 ") and b"HTTP/1.1 400 " in answer and answer.endswith(b"}}"), answer
     # Lenient where RFC 9112 allows: bare LF line ends, empty lines before the request line,
     # any case in names; HTTP/1.0 closes the connection after the answer.
     answer = raw_request(server.port, b"\r\n\r\nGET /api/workflows/count HTTP/1.0\nhost: x\nauthorization: Bearer " +
