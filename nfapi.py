@@ -2094,9 +2094,9 @@ class Handler(socketserver.StreamRequestHandler):
             # after request, is not set again).
             self.receive_timeout(math.ceil(remaining))
             buffered = self.rfile.peek()
-            if not buffered:
+            if not buffered:  # the end of input, or a receive that timed out
                 if time.monotonic() >= deadline:
-                    raise socket.timeout("the request head took too long")
+                    continue
                 if head:
                     raise ApiError(400, "request", "the connection was closed inside the request head")
                 return None

@@ -152,13 +152,18 @@ def send_events(port, target, first_task, count, latencies):
 
 def read_answer(sock, data):
     """One answer (head and Content-Length body) from a keep-alive socket, and the bytes after it."""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536) or eof()
-    head, _, rest = data.partition(b"\r\n\r\n")
-    length = int(re.search(rb"\r\nContent-Length: *([0-9]+)", head, re.I).group(1))
+    head, length, rest = read_answer_head(sock, data)
     while len(rest) < length:
         rest += sock.recv(65536) or eof()
     return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
+def read_answer_head(sock, data):
+    """An answer's head, its Content-Length, and the bytes received after the head."""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or eof()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, int(re.search(rb"\r\nContent-Length: *([0-9]+)", head, re.I).group(1)), rest
 
 
 def eof():
@@ -286,12 +291,9 @@ def download(port, path, out):
     curl, which copies through 16 KiB buffers, has its own row."""
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n" % (path, TOKEN)).encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += sock.recv(65536) or eof()
-        head, _, data = data.partition(b"\r\n\r\n")
+        head, length, data = read_answer_head(sock, b"")
         assert head.startswith(b"HTTP/1.1 200 "), head
-        left = int(re.search(rb"\r\nContent-Length: *([0-9]+)", head, re.I).group(1)) - len(data)
+        left = length - len(data)
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         pipe_out, pipe_in = os.pipe()
         fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, 1 << 20)
