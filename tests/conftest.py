@@ -159,6 +159,17 @@ def multipart_body(parts, boundary=None):
     return b"".join(out), "multipart/form-data; boundary=" + boundary
 
 
+def stop_process(proc, sig, timeout):
+    """Send `sig` to a started process that still runs; SIGKILL it if it outlives `timeout` seconds."""
+    if proc and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class ServerProcess:
     """nfapi.py on a free port with its own data folder; output goes to a file, never a pipe."""
 
@@ -212,17 +223,8 @@ class ServerProcess:
     def client(self):
         return Client(self.port, self.token)
 
-    def stop(self, sig=None):
-        if self.proc and self.proc.poll() is None:
-            if sig is None:
-                self.proc.terminate()
-            else:
-                self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def stop(self, sig=signal.SIGTERM):
+        stop_process(self.proc, sig, 10)
 
     def vm_hwm_kb(self):
         with open("/proc/%d/status" % self.proc.pid) as f:
@@ -299,13 +301,7 @@ class WorkerProcess:
         return out
 
     def stop(self, sig=signal.SIGTERM):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig, 30)
 
 
 def processes_with_marker(marker):
