@@ -34,6 +34,7 @@ test:
 	$(PYTHON) -m pytest -q tests
 
 # Benchmarks (not part of `make test`): one markdown table, each figure against a baseline of the same run.
+# The weblog's peer (Flask + gunicorn) runs from bench/.venv, which bench/run.py makes from bench/requirements.txt.
 bench:
 	$(PYTHON) bench/run.py
 

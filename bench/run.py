@@ -3,9 +3,14 @@
 
 Every figure is compared with a baseline measured in the same run on the same machine, because
 these machines are noisy: a bare standard-library http.server handler for the weblog, `cp` of the
-same file on the same disk for uploads and downloads. Goals are the ones in issue 6.
+same file on the same disk for uploads and downloads. Goals are the ones in issues 6 and 11. The
+weblog is also compared with a peer: the seed's stack (Flask under gunicorn, bench/flask_peer.py)
+doing the same SQLite work, installed into bench/.venv from bench/requirements.txt.
+
+`python3 bench/run.py weblog` (or listing, launch, transfer) runs only those rows.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import http.client
@@ -28,6 +33,7 @@ import time
 import urllib.parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from conftest import write_config  # noqa: E402  (the test suite's helper)
 
@@ -35,8 +41,12 @@ TOKEN = "bench-token"
 # A genuine process_completed post (see its SOURCES.md); only its task_id changes from post to post.
 SAMPLE = os.path.join(ROOT, "tests", "data", "weblog-samples", "nfweblog-process_completed.json")
 GIB = 1 << 30
-ROUNDS = 5  # of each transfer
-EVENTS_PER_RUN = 2500  # each of the 16 concurrent senders: long enough to average out this VM's swings
+ROUNDS = 5  # of each transfer and each weblog measure
+SEQUENTIAL_EVENTS = 1000  # from the one sender, in each round
+EVENTS_PER_RUN = 2500  # each of the 16 concurrent senders, over all rounds: long enough to average out this VM's swings
+VENV = os.path.join(BENCH, ".venv")
+REQUIREMENTS = os.path.join(BENCH, "requirements.txt")
+PEER = "Flask + gunicorn, 2 workers x 8 gthreads, same SQLite work"
 ROWS = []
 
 
@@ -99,6 +109,60 @@ def bare_server():
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+class Peer:
+    """The seed's stack: bench/flask_peer.py under gunicorn (2 workers x 8 gthreads), on a database
+    of its own that nfapi made, with 17 runs claimed through nfapi: their weblog URLs are nfapi's."""
+
+    def __init__(self, tmp, config):
+        data = os.path.join(tmp, "peer-data")
+        maker = Server(tmp, config, data)
+        try:
+            self.runs = claimed_runs(maker, 17, tmp)
+        finally:
+            maker.stop()
+        self.db = os.path.join(data, "nfapi.sqlite3")
+        # gunicorn serves a socket that already listens: its port is known before gunicorn starts.
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.port = listener.getsockname()[1]
+        self.log = open(os.path.join(tmp, "peer.log"), "ab")
+        # --no-control-socket: else gunicorn opens ~/.gunicorn/gunicorn.ctl, one path for every run.
+        self.proc = subprocess.Popen([peer_python(), "-m", "gunicorn", "-w", "2", "--threads", "8", "-k", "gthread",
+                                      "-b", "fd://%d" % listener.fileno(), "--no-control-socket", "--chdir", BENCH,
+                                      "flask_peer:app"],
+                                     stdout=self.log, stderr=self.log, pass_fds=[listener.fileno()],
+                                     env=dict(os.environ, NFAPI_PEER_DB=self.db))
+        listener.close()
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        c.request("GET", "/")  # answered (404) once a worker has started
+        c.getresponse().read()
+        c.close()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+        self.log.close()
+
+    def completed(self, workflow_ids):
+        conn = sqlite3.connect(self.db)
+        counts = [conn.execute("SELECT completed FROM runs WHERE workflow_id = ?", (wid,)).fetchone()[0]
+                  for wid in workflow_ids]
+        conn.close()
+        return counts
+
+
+def peer_python():
+    """bench/.venv's Python, made anew when it is missing or bench/requirements.txt has changed:
+    the peer's packages are for this benchmark only, never a dependency of nfapi."""
+    python = os.path.join(VENV, "bin", "python")
+    wanted = pathlib.Path(REQUIREMENTS).read_text()
+    installed = pathlib.Path(VENV, "requirements.txt")
+    if not (os.path.exists(python) and installed.exists() and installed.read_text() == wanted):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", VENV], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "-r", REQUIREMENTS], check=True)
+        installed.write_text(wanted)
+    return python
 
 
 # ==== Weblog ====
@@ -170,10 +234,10 @@ def eof():
     raise ConnectionError("the server closed the connection")
 
 
-def run_senders(port, targets, per_sender):
+def run_senders(port, targets, first_task, per_sender):
     latencies = []
-    threads = [threading.Thread(target=send_events, args=(port, target, first, per_sender, latencies))
-               for target in targets for first in [1000 if target.path != "/bare" else 1]]
+    threads = [threading.Thread(target=send_events, args=(port, target, first_task, per_sender, latencies))
+               for target in targets]
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -183,39 +247,71 @@ def run_senders(port, targets, per_sender):
 
 
 def bench_weblog(tmp, config):
-    server = Server(tmp, config)
-    bare = bare_server()
-    try:
-        targets = claimed_runs(server, 17, tmp)
-        bare_target = urllib.parse.urlsplit("http://127.0.0.1/bare")
-        run_senders(bare.server_address[1], [bare_target], 200)  # warm-up
-        urls = [url for _, url in targets]
-        run_senders(server.port, urls[:1], 200)
-        base_rate, base_lat = run_senders(bare.server_address[1], [bare_target], 3000)
-        rate, lat = run_senders(server.port, urls[:1], 3000)
-        p50, p99 = percentile(lat, 50), percentile(lat, 99)
-        row("Weblog, 1 sender (events/s)", "%.0f (p50 %.2f ms, p99 %.2f ms)" % (rate, p50, p99),
-            "%.0f (bare http.server, p50 %.2f ms)" % (base_rate, percentile(base_lat, 50)),
-            "%.2f" % (rate / base_rate), ">= 2000/s and >= 0.5", rate >= 2000 and rate / base_rate >= 0.5)
-        base16 = run_sender_processes(bare.server_address[1], [bare_target] * 16, EVENTS_PER_RUN)
-        rate16 = run_sender_processes(server.port, urls[1:17], EVENTS_PER_RUN)
-        counted = [server.call("GET", "/api/workflows/%d" % wid)[1]["workflow"]["completed_processes"] for wid, _ in targets[1:17]]
-        ok_counts = counted == [EVENTS_PER_RUN] * 16
-        row("Weblog, 16 sender processes (events/s)", "%.0f; counts %s" % (
-            rate16, "all %d counted" % (16 * EVENTS_PER_RUN) if ok_counts else counted),
-            "%.0f (bare http.server)" % base16, "%.2f" % (rate16 / base16), ">= 4000/s, nothing lost",
-            rate16 >= 4000 and ok_counts)
-    finally:
-        bare.shutdown()
-        server.stop()
+    """nfapi, the bare baseline and the peer in turn, ROUNDS times; the median rate of each counts.
+    Each round posts new task ids, so every post is an insert, as a process_completed event is."""
+    with contextlib.ExitStack() as stack:
+        server = Server(tmp, config)
+        stack.callback(server.stop)
+        peer = Peer(tmp, config)
+        stack.callback(peer.stop)
+        bare = bare_server()
+        stack.callback(bare.shutdown)
+        runs = claimed_runs(server, 17, tmp)
+        bare_url = urllib.parse.urlsplit("http://127.0.0.1/bare")
+        stacks = {"bare": (bare.server_address[1], [bare_url] * 17),  # name: port, 1 + 16 senders' URLs
+                  "nfapi": (server.port, [url for _, url in runs]),
+                  "peer": (peer.port, [url for _, url in peer.runs])}
+        for port, urls in stacks.values():
+            run_senders(port, urls[:1], 1, 200)  # warm-up
+        one = in_turns(stacks, lambda port, urls, turn: run_senders(
+            port, urls[:1], 1000 + turn * SEQUENTIAL_EVENTS, SEQUENTIAL_EVENTS))
+        per_round = EVENTS_PER_RUN // ROUNDS
+        many = in_turns(stacks, lambda port, urls, turn: run_sender_processes(
+            port, urls[1:17], 1 + turn * per_round, per_round))
+        counted = [server.call("GET", "/api/workflows/%d" % wid)[1]["workflow"]["completed_processes"]
+                   for wid, _ in runs[1:17]]
+        peer_counted = peer.completed([wid for wid, _ in peer.runs[1:17]])
+    rate = {name: statistics.median(r for r, _ in results) for name, results in one.items()}
+    latency = {name: [t for _, times in results for t in times] for name, results in one.items()}
+    p50, p99 = percentile(latency["nfapi"], 50), percentile(latency["nfapi"], 99)
+    row("Weblog, 1 sender (events/s)", "%.0f (p50 %.2f ms, p99 %.2f ms)" % (rate["nfapi"], p50, p99),
+        "%.0f (bare http.server, p50 %.2f ms)" % (rate["bare"], percentile(latency["bare"], 50)),
+        "%.2f" % (rate["nfapi"] / rate["bare"]), ">= 2000/s and >= 0.5",
+        rate["nfapi"] >= 2000 and rate["nfapi"] / rate["bare"] >= 0.5)
+    row("Weblog, 1 sender, against the seed's stack (events/s)", "%.0f" % rate["nfapi"],
+        "%.0f (%s, p50 %.2f ms)" % (rate["peer"], PEER, percentile(latency["peer"], 50)),
+        "%.2f" % (rate["nfapi"] / rate["peer"]), ">= 2.5 of the peer", rate["nfapi"] / rate["peer"] >= 2.5)
+    rate16 = {name: statistics.median(results) for name, results in many.items()}
+    all_counted = "all %d counted" % (16 * EVENTS_PER_RUN)
+    ok_counts = counted == [EVENTS_PER_RUN] * 16
+    row("Weblog, 16 sender processes (events/s)",
+        "%.0f; counts %s" % (rate16["nfapi"], all_counted if ok_counts else counted),
+        "%.0f (bare http.server)" % rate16["bare"], "%.2f" % (rate16["nfapi"] / rate16["bare"]),
+        ">= 4000/s, nothing lost", rate16["nfapi"] >= 4000 and ok_counts)
+    row("Weblog, 16 sender processes, against the seed's stack (events/s)", "%.0f" % rate16["nfapi"],
+        "%.0f (%s); counts %s" % (rate16["peer"], PEER,
+                                  all_counted if peer_counted == [EVENTS_PER_RUN] * 16 else peer_counted),
+        "%.2f" % (rate16["nfapi"] / rate16["peer"]), "(reference: the goal is on 1 sender)", None)
 
 
-def run_sender_processes(port, targets, per_sender):
+def in_turns(stacks, measure):
+    """measure(port, urls, turn) of each stack ROUNDS times, each round in a different order: none
+    always follows the same one. The results of each stack, by name."""
+    names = list(stacks)
+    results = {name: [] for name in names}
+    for turn in range(ROUNDS):
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            results[name].append(measure(*stacks[name], turn))
+    return results
+
+
+def run_sender_processes(port, targets, first_task, per_sender):
     """Like run_senders, but each sender is its own process, as 16 runs are 16 nextflow JVMs (16
     threads of one Python client would share its GIL and measure the client instead)."""
     ctx = multiprocessing.get_context("fork")
     start_line = ctx.Barrier(len(targets) + 1)
-    procs = [ctx.Process(target=sender_process, args=(port, target, per_sender, start_line)) for target in targets]
+    procs = [ctx.Process(target=sender_process, args=(port, target, first_task, per_sender, start_line))
+             for target in targets]
     for p in procs:
         p.start()
     start_line.wait()
@@ -226,9 +322,9 @@ def run_sender_processes(port, targets, per_sender):
     return len(targets) * per_sender / (time.perf_counter() - start)
 
 
-def sender_process(port, target, count, start_line):
+def sender_process(port, target, first_task, count, start_line):
     start_line.wait()
-    send_events(port, target, 1000, count, [])
+    send_events(port, target, first_task, count, [])
 
 
 def percentile(values, p):
