@@ -35,14 +35,13 @@ import contextlib
 import email.message
 import email.utils
 import errno
+import fnmatch
 import functools
-import glob
 import hmac
 import http.server
 import json
 import math
 import os
-import posixpath
 import re
 import secrets
 import shutil
@@ -50,6 +49,7 @@ import signal
 import socket
 import socketserver
 import sqlite3
+import stat
 import struct
 import sys
 import tarfile
@@ -73,6 +73,10 @@ DEFAULTS = {
 MAX_NAME_LENGTH = 512
 MAX_PART_HEADER_BYTES = 16 * 1024
 MAX_FORM_FIELD_BYTES = 64 * 1024
+FORM_FIELDS = ("directory",)  # the text fields of an upload, besides its one `file` part
+MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
+MAX_NAME_BYTES = 255  # NAME_MAX of common filesystems
+MAX_ARCHIVE_DEPTH = 200  # folders deeper than this are left out of archives (one descriptor per level)
 READ_CHUNK = 256 * 1024
 LINGER_SECONDS = 2.0
 LOG_CHUNK_BYTES = 1024 * 1024
@@ -612,46 +616,66 @@ def sql_statements(script):
 
 
 # ==== Filesystem ====
+# Everything under a workflow folder is reached from an open descriptor of that folder, one name at
+# a time, without following symlinks (openat with O_NOFOLLOW, mkdirat, renameat, fstatat): a symlink
+# anywhere on the way is refused at the moment of use. Another local user, or a pipeline task writing
+# in the folder, can swap a folder for a symlink to elsewhere at any moment; resolving a path, checking
+# it and then using it let delete-path delete, upload-file write and downloads read outside (issue 11).
+
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO to read waits for a writer, which would hold the thread for good.
+ENTRY_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
 
 def relative_path_problem(path):
-    """Why a user-supplied relative path is unacceptable before touching the disk, or None."""
+    """Why a user path cannot name something in the workflow folder, or None: the one path rule.
+
+    Exactly one leading "/" stands for the workflow folder (nf-cloud's web UI sends "/reads/"), a
+    trailing "/" is ignored, and "." and empty names are skipped.
+    """
     if "\x00" in path:
         return "must not contain NUL"
     if any(ord(c) < 32 for c in path):
         return "must not contain control characters"
     if "\\" in path:
         return "must not contain backslashes"
-    if path.startswith("/") and path.strip("/"):
-        return "must be relative to the workflow folder"
+    if path.startswith("//"):
+        return "must be relative to the workflow folder (one leading / at most)"
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path):
         return "must be a path in the workflow folder, not a URL"
     if ".." in path.split("/"):
         return "must not contain '..'"
+    encoded = path.encode("utf-8", "surrogatepass")
+    if len(encoded) > MAX_PATH_BYTES:
+        return "is too long (at most %d bytes)" % MAX_PATH_BYTES
+    if any(len(name) > MAX_NAME_BYTES for name in encoded.split(b"/")):
+        return "has a name longer than %d bytes" % MAX_NAME_BYTES
     return None
 
 
-def resolve(root, path, field):
-    """The one resolver for user paths: `path` relative to the workflow folder `root`.
+def path_parts(path):
+    return [name for name in path.split("/") if name not in ("", ".")]
 
-    "" and "/" name the root. Absolute paths, `..`, NUL and control characters are refused, and so
-    is any path that leaves the folder through a symlink. Returns the absolute path (which may not
-    exist yet).
-    """
+
+def path_names(path, field):
+    """The names leading from the workflow folder to `path` ([] for the folder itself); 422 when
+    `path` breaks the rule."""
     if not isinstance(path, str):
         raise ApiError(422, field, "must be a string")
     problem = relative_path_problem(path)
     if problem:
         raise ApiError(422, field, problem)
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    real_root = os.path.realpath(root)
-    target = os.path.join(real_root, *parts)
-    if not inside(real_root, os.path.realpath(target)):
-        raise ApiError(422, field, "leaves the workflow folder")
-    return target
+    return path_parts(path)
 
 
-def inside(real_root, real_path):
-    return real_path == real_root or real_path.startswith(real_root + os.sep)
+def normal_path(path):
+    """The one spelling of a valid path: "/reads/a.fq", "reads//a.fq" and "reads/a.fq" are the same."""
+    return "/".join(path_parts(path)) or "."
+
+
+def workflow_path(root, path, field):
+    """The absolute path that `path` names in the workflow folder `root`, for the pipeline."""
+    return os.path.join(root, *path_names(path, field))
 
 
 def check_file_name(name):
@@ -662,22 +686,218 @@ def check_file_name(name):
         raise ApiError(422, "file", "the file name " + problem)
 
 
+def is_utf8(name):
+    """Whether a name read from the disk is UTF-8 (os.fsdecode keeps other bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class Descriptor:
+    """An open file descriptor, closed at the end of a `with` block or, like a file object, when it is
+    dropped: an answer that is never sent (the client left) cannot leak it."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def __enter__(self):
+        return self.fd
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = close
+
+    def detach(self):
+        fd, self.fd = self.fd, None
+        return fd
+
+
+def open_folder(parent, names, field, create=False):
+    """The folder `names` below the folder descriptor `parent`, opened one name at a time; with
+    `create`, missing folders are made (0700) on the way. Returns a Descriptor."""
+    folder = Descriptor(os.dup(parent))
+    for name in names:
+        try:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o700, dir_fd=folder.fd)
+            child = Descriptor(os.open(name, FOLDER_FLAGS, dir_fd=folder.fd))
+        except OSError as e:
+            raise client_error(e, field, folder.fd, name, create)
+        finally:
+            folder.close()
+        folder = child
+    return folder
+
+
+def client_error(error, field, folder, name, creating=False):
+    """The answer for an OSError met at `name` in the folder descriptor `folder`: an ApiError when
+    the client's path is the cause, else the error itself."""
+    code = error.errno
+    if code == errno.ELOOP or code == errno.ENOTDIR and is_symlink(folder, name):
+        return ApiError(422, field, "%s is a symlink: symlinks in the workflow folder are not followed" % name)
+    if code == errno.ENOTDIR:
+        return ApiError(409 if creating else 422, field, "%s is a file, not a folder" % name)
+    if code == errno.ENOENT:
+        return ApiError(404, field, "no such file or folder: %s" % name)
+    if code in (errno.ENXIO, errno.ENODEV):
+        return ApiError(422, field, "%s is not a regular file or folder" % name)
+    if code == errno.ENAMETOOLONG:
+        return ApiError(422, field, "is too long for the filesystem")
+    if code in (errno.EACCES, errno.EPERM):
+        return ApiError(403, field, "%s: the server is not allowed in (permission denied)" % name)
+    return error
+
+
+def is_symlink(folder, name):
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def open_entry(folder, name, field):
+    """The file or folder `name` in the folder descriptor `folder`: (Descriptor, stat). A symlink,
+    FIFO, device or socket is refused, without waiting on it."""
+    try:
+        entry = Descriptor(os.open(name, ENTRY_FLAGS, dir_fd=folder))
+    except OSError as e:
+        raise client_error(e, field, folder, name)
+    st = os.fstat(entry.fd)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        entry.close()
+        raise ApiError(422, field, "%s is not a regular file or folder" % name)
+    return entry, st
+
+
+def path_lstat(root, names, field):
+    """The stat of `names` below the folder descriptor `root`, not following a symlink at the end;
+    None when it, or a folder on the way, does not exist."""
+    try:
+        with open_folder(root, names[:-1], field) as folder:
+            return os.stat(names[-1], dir_fd=folder, follow_symlinks=False) if names else os.fstat(folder)
+    except FileNotFoundError:
+        return None
+    except ApiError as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+GLOB_MAGIC = re.compile(r"[*?[]")
+
+
+def glob_matches(root, patterns):
+    """Whether the pattern `patterns` (one per name) matches a file or folder below `root`, walked by
+    descriptor: glob.glob would follow symlinks. As in glob, `*` does not match a leading "."."""
+    if not patterns:
+        return True
+    # Depth first, one open folder per level: each level's candidates for the pattern of its depth.
+    levels = [(Descriptor(os.dup(root)), iter(names_matching(root, patterns[0])))]
+    try:
+        while levels:
+            folder, candidates = levels[-1]
+            name = next(candidates, None)
+            if name is None:
+                levels.pop()[0].close()
+            elif len(levels) == len(patterns):
+                if is_file_or_folder(folder.fd, name):
+                    return True
+            else:
+                with contextlib.suppress(OSError):
+                    child = Descriptor(os.open(name, FOLDER_FLAGS, dir_fd=folder.fd))
+                    levels.append((child, iter(names_matching(child.fd, patterns[len(levels)]))))
+        return False
+    finally:
+        for folder, _ in levels:
+            folder.close()
+
+
+def names_matching(folder, pattern):
+    if not GLOB_MAGIC.search(pattern):
+        return [pattern]
+    return [name for name in os.listdir(folder)
+            if fnmatch.fnmatchcase(name, pattern) and (pattern.startswith(".") or not name.startswith("."))]
+
+
+def is_file_or_folder(folder, name):
+    try:
+        mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
+
 def make_private_dir(path):
     os.makedirs(path, mode=0o700, exist_ok=True)
 
 
+def trash_path(trash):
+    return os.path.join(trash, "%sdeleted-%s" % (TEMP_PREFIX, secrets.token_hex(8)))
+
+
 def remove_tree_atomically(path, trash):
     """Move a file or folder to the trash folder first so it vanishes in one step, then delete it."""
-    doomed = os.path.join(trash, "%sdeleted-%s" % (TEMP_PREFIX, secrets.token_hex(8)))
+    doomed = trash_path(trash)
     os.rename(path, doomed)
     delete_tree(doomed)
 
 
 def delete_tree(path):
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
+    """Delete a file or folder in the trash (tmp/), as far as it can be deleted (what is left goes at
+    the next start). shutil.rmtree recursed once per level: nested folders 1,000 deep were a
+    RecursionError. This walk keeps one descriptor, and a list of names per level; it climbs back
+    with "..", which is safe here and only here: the trash is private to this server and nothing
+    else works in it. Symlinks inside are removed, never followed."""
+    try:
+        folder = Descriptor(os.open(path, FOLDER_FLAGS))
+    except OSError as e:
+        if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
         os.unlink(path)
+        return
+    levels = [(unlink_files(folder.fd), None)]
+    while levels:
+        subfolders, name = levels[-1]
+        if subfolders:
+            sub = subfolders.pop()
+            with contextlib.suppress(OSError):
+                child = Descriptor(os.open(sub, FOLDER_FLAGS, dir_fd=folder.fd))
+                folder.close()
+                folder = child
+                levels.append((unlink_files(folder.fd), sub))
+            continue
+        levels.pop()
+        if levels:
+            parent = Descriptor(os.open("..", FOLDER_FLAGS, dir_fd=folder.fd))
+            folder.close()
+            folder = parent
+            with contextlib.suppress(OSError):
+                os.rmdir(name, dir_fd=folder.fd)
+    folder.close()
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def unlink_files(folder):
+    """Unlink everything in the folder descriptor but its folders; returns the folders' names."""
+    subfolders = []
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subfolders.append(entry.name)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.name, dir_fd=folder)
+    return subfolders
 
 
 # ==== Request bodies ====
@@ -719,6 +939,9 @@ class MultipartParser:
         self.delimiter = b"\r\n--" + boundary
         # The first delimiter may sit at the very start, without its CRLF.
         self.buffer = b"\r\n"
+        # Where the unparsed input starts in buffer: parts are cut out at offsets, and the rest is
+        # copied once per feed, not once per part (8 MB of 50-byte parts took seconds of CPU).
+        self.at = 0
         self.state = "preamble"
         self.in_part = False
 
@@ -731,6 +954,7 @@ class MultipartParser:
             step = getattr(self, "_" + self.state)(events)
             if not step:
                 break
+        self.buffer, self.at = self.buffer[self.at:], 0
         return events
 
     def close(self):
@@ -750,21 +974,22 @@ class MultipartParser:
         return True
 
     def _preamble(self, events):
-        at = self.buffer.find(self.delimiter)
+        at = self.buffer.find(self.delimiter, self.at)
         if at < 0:
-            self.buffer = self.buffer[-len(self.delimiter):]
+            self.at = max(self.at, len(self.buffer) - len(self.delimiter))
             return False
-        self.buffer = self.buffer[at + len(self.delimiter):]
+        self.at = at + len(self.delimiter)
         self.state = "after_delimiter"
         return True
 
     def _after_delimiter(self, events):
-        if len(self.buffer) < 2:
+        if len(self.buffer) - self.at < 2:
             return False
         if self.in_part:
             events.append(("end",))
             self.in_part = False
-        marker, self.buffer = self.buffer[:2], self.buffer[2:]
+        marker = self.buffer[self.at:self.at + 2]
+        self.at += 2
         if marker == b"--":
             self.state = "done"
         elif marker == b"\r\n":
@@ -774,33 +999,33 @@ class MultipartParser:
         return True
 
     def _headers(self, events):
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0 and self.buffer.startswith(b"\r\n"):
-            end = -2
-        if end == -1:
-            if len(self.buffer) > MAX_PART_HEADER_BYTES:
-                raise ApiError(400, "body", "multipart part headers are too large")
-            return False
-        if end > MAX_PART_HEADER_BYTES:
+        end = self.buffer.find(b"\r\n\r\n", self.at)
+        if end < 0 and self.buffer.startswith(b"\r\n", self.at):
+            end = self.at - 2  # no header lines at all
+        elif end < 0:
+            end = len(self.buffer)
+        if end - self.at > MAX_PART_HEADER_BYTES:
             raise ApiError(400, "body", "multipart part headers are too large")
-        name, filename = parse_part_headers(self.buffer[:max(end, 0)])
-        self.buffer = self.buffer[end + 4:]
+        if end == len(self.buffer):
+            return False
+        name, filename = parse_part_headers(self.buffer[self.at:max(end, self.at)])
+        self.at = end + 4
         events.append(("part", name, filename))
         self.in_part = True
         self.state = "body"
         return True
 
     def _body(self, events):
-        at = self.buffer.find(self.delimiter)
+        at = self.buffer.find(self.delimiter, self.at)
         if at < 0:
-            keep = len(self.delimiter) - 1
-            if len(self.buffer) > keep:
-                events.append(("data", self.buffer[:-keep]))
-                self.buffer = self.buffer[-keep:]
+            end = len(self.buffer) - (len(self.delimiter) - 1)
+            if end > self.at:
+                events.append(("data", self.buffer[self.at:end]))
+                self.at = end
             return False
-        if at:
-            events.append(("data", self.buffer[:at]))
-        self.buffer = self.buffer[at + len(self.delimiter):]
+        if at > self.at:
+            events.append(("data", self.buffer[self.at:at]))
+        self.at = at + len(self.delimiter)
         self.state = "after_delimiter"
         return True
 
@@ -986,10 +1211,17 @@ def merge_arguments(definitions, stored, given):
         if problem:
             errors[name] = [problem]
         else:
-            merged[name]["value"] = value
+            merged[name]["value"] = stored_value(definitions[name], value)
     if errors:
         raise ApiError.of(422, errors)
     return merged
+
+
+def stored_value(definition, value):
+    """Path values are stored in one spelling (normal_path), whatever way the client wrote them."""
+    if is_empty(value) or definition["type"] not in ("path", "paths", "file-glob"):
+        return value
+    return [normal_path(v) for v in value] if definition["type"] == "paths" else normal_path(value)
 
 
 # ==== Handlers ====
@@ -1068,60 +1300,61 @@ def workflow_delete(req, id):
 
 
 def workflow_files(req, id):
-    """The folders and files in `dir` (default: the workflow folder), sorted."""
-    root = req.app.existing_workflow_dir(id)
-    folder = resolve(root, req.query_str("dir", ""), "dir")
-    try:
-        entries = list(os.scandir(folder))
-    except FileNotFoundError:
-        raise ApiError(404, "dir", "no such folder")
-    except NotADirectoryError:
-        raise ApiError(422, "dir", "is a file, not a folder")
-    folders = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
-    files = sorted(e.name for e in entries if not e.is_dir(follow_symlinks=False))
-    return 200, {"folders": folders, "files": files}
+    """The folders and files in `dir` (default: the workflow folder), sorted; symlinks show as files."""
+    names = path_names(req.query_str("dir", ""), "dir")
+    folders, files = [], []
+    with req.app.open_workflow_folder(id) as root, open_folder(root, names, "dir") as folder:
+        for entry in os.scandir(folder):
+            # A name that is not UTF-8 can be neither written in JSON nor sent back in a request, so it
+            # is left out; the folder holding it can still be downloaded (tar.gz keeps it) or deleted.
+            if is_utf8(entry.name):
+                (folders if entry.is_dir(follow_symlinks=False) else files).append(entry.name)
+    return 200, {"folders": sorted(folders), "files": sorted(files)}
 
 
 def workflow_upload_file(req, id):
     """Stream a multipart upload into a temp file, and rename it into place once the body is complete."""
-    root = req.app.existing_workflow_dir(id)
     limit = req.app.config["max_upload_bytes"]
     if limit is not None and req.body_left > limit:
         raise ApiError(413, "file", "the upload is larger than %d bytes" % limit)
-    parser = MultipartParser(multipart_boundary(req.headers.get("content-type")))
-    fields = {}
-    temp = tempfile.NamedTemporaryFile(dir=req.app.tmp_dir, prefix=TEMP_PREFIX + "upload-", delete=False)
-    try:
-        with disk_full_is_507():
-            filename = receive_form(req, parser, temp, fields)
+    with req.app.open_workflow_folder(id) as root:
+        with req.db() as conn:
+            refuse_if_active(conn, id, "upload files")  # before the body, which may be large
+        parser = MultipartParser(multipart_boundary(req.headers.get("content-type")))
+        temp = tempfile.NamedTemporaryFile(dir=req.app.tmp_dir, prefix=TEMP_PREFIX + "upload-", delete=False)
         try:
-            directory = fields.get("directory", b"").decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(422, "directory", "must be UTF-8")
-        folder = resolve(root, directory, "directory")
-        check_file_name(filename)
-        target = resolve(root, posixpath.join(directory.strip("/"), filename), "file")
-        if os.path.isdir(target):
-            raise ApiError(409, "file", "a folder with that name exists")
-        try:
-            make_private_dir(folder)
-        except (FileExistsError, NotADirectoryError):
-            raise ApiError(409, "directory", "a file is in the way of that folder")
-        with disk_full_is_507():
-            os.fsync(temp.fileno())
+            with disk_full_is_507():
+                filename, fields = receive_form(req, parser, temp)
+                directory = fields.get("directory", "")
+                names = path_names(directory, "directory")
+                check_file_name(filename)
+                os.fsync(temp.fileno())
+                temp.close()
+                with changing_files(req.app, id, "upload files"), \
+                        open_folder(root, names, "directory", create=True) as folder:
+                    place_file(temp.name, folder, filename)
+        finally:
             temp.close()
-            os.replace(temp.name, target)
-    finally:
-        temp.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp.name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp.name)
     return 200, {"directory": directory, "file": filename}
 
 
-def receive_form(req, parser, temp, fields):
-    """Feed the body to `parser`: the `file` part streams into `temp`, other fields are collected
-    into `fields`. Returns the file part's file name."""
-    filename, current = None, None
+def place_file(path, folder, name):
+    """Rename the server's file `path` to `name` in the folder descriptor `folder`, replacing a file."""
+    try:
+        os.rename(path, name, dst_dir_fd=folder)
+    except IsADirectoryError:
+        raise ApiError(409, "file", "a folder with that name exists")
+    except OSError as e:
+        raise client_error(e, "file", folder, name)
+
+
+def receive_form(req, parser, temp):
+    """Feed the body to `parser`: the `file` part streams into `temp`, and the few FORM_FIELDS are
+    kept, each up to MAX_FORM_FIELD_BYTES. Any other part is refused at its start, so nothing unknown
+    is ever kept. Returns (the file part's name, {field: text})."""
+    filename, fields, current = None, {}, None
     for chunk in req.body_chunks():
         for event in parser.feed(chunk):
             if event[0] == "part":
@@ -1130,8 +1363,12 @@ def receive_form(req, parser, temp, fields):
                     if filename is not None or event[2] is None:
                         raise ApiError(422, "file", "expected one `file` part with a file name")
                     filename = event[2]
+                elif current not in FORM_FIELDS:
+                    raise ApiError(422, current, "is not a field of this form (send `file` and `directory`)")
+                elif current in fields:
+                    raise ApiError(422, current, "is sent twice")
                 else:
-                    fields[current] = b""
+                    fields[current] = bytearray()
             elif event[0] == "data":
                 if current == "file":
                     temp.write(event[1])
@@ -1142,7 +1379,14 @@ def receive_form(req, parser, temp, fields):
     parser.close()
     if filename is None:
         raise ApiError(422, "file", "a file part with a file name is required")
-    return filename
+    return filename, {name: form_text(name, value) for name, value in fields.items()}
+
+
+def form_text(name, value):
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(422, name, "must be UTF-8")
 
 
 @contextlib.contextmanager
@@ -1155,31 +1399,54 @@ def disk_full_is_507():
         raise
 
 
-def workflow_path_request(req, id, action):
-    root = req.app.existing_workflow_dir(id)
-    target = resolve(root, req.json().get("path"), "path")
-    if os.path.realpath(target) == os.path.realpath(root):
-        raise ApiError(422, "path", "cannot %s the workflow folder itself" % action)
-    return target
+@contextlib.contextmanager
+def changing_files(app, workflow_id, action):
+    """A write transaction in which the workflow exists and has no queued or running run, for a file
+    change made inside it: the change and those checks are one step, so a workflow deleted meanwhile
+    is not brought back (404) and a run's inputs do not change under it (409). The change is a rename
+    or a few mkdirs, the only file work done in a transaction."""
+    with app.db.write() as conn:
+        workflow_row(conn, workflow_id)
+        refuse_if_active(conn, workflow_id, action)
+        yield
 
 
 def workflow_delete_path(req, id):
     """Delete a file or a folder with everything in it."""
-    target = workflow_path_request(req, id, "delete")
-    if not os.path.lexists(target):
-        raise ApiError(404, "path", "no such file or folder")
-    remove_tree_atomically(target, req.app.tmp_dir)
+    names = path_names(req.json().get("path"), "path")
+    if not names:
+        raise ApiError(422, "path", "cannot delete the workflow folder itself")
+    doomed = trash_path(req.app.tmp_dir)  # tmp/ and workflows/ are in the data folder: one filesystem
+    with req.app.open_workflow_folder(id) as root, open_folder(root, names[:-1], "path") as folder:
+        with changing_files(req.app, id, "delete files"):
+            try:
+                os.rename(names[-1], doomed, src_dir_fd=folder)
+            except OSError as e:
+                raise client_error(e, "path", folder, names[-1])
+    delete_tree(doomed)
     return 200, None
 
 
 def workflow_create_folder(req, id):
-    """Create a folder (and its parents)."""
-    target = workflow_path_request(req, id, "create")
-    try:
-        make_private_dir(target)
-    except (FileExistsError, NotADirectoryError):
-        raise ApiError(409, "path", "a file is in the way")
+    """Create a folder (and its parents): `path`, or `new_path` inside `target_path` (nf-cloud's UI)."""
+    names, field = folder_to_create(req.json())
+    with req.app.open_workflow_folder(id) as root, changing_files(req.app, id, "create folders"):
+        open_folder(root, names, field, create=True).close()
     return 200, None
+
+
+def folder_to_create(body):
+    """(the names of the folder to create, the field they came from)."""
+    if "path" in body or "new_path" not in body:
+        names, field = path_names(body.get("path"), "path"), "path"
+    else:
+        new = path_names(body["new_path"], "new_path")
+        if not new:
+            raise ApiError(422, "new_path", "must name the new folder")
+        names, field = path_names(body.get("target_path", ""), "target_path") + new, "new_path"
+    if not names:
+        raise ApiError(422, field, "cannot create the workflow folder itself")
+    return names, field
 
 
 def workflow_schedule(req, id):
@@ -1227,18 +1494,18 @@ def prepare_run(app, conn, workflow_id, resume):
     if pipeline is None:
         raise ApiError(422, "nextflow_workflow", "choose a pipeline first")
     arguments = merge_arguments(pipeline["dynamic"], json.loads(row["nextflow_arguments"]), {})
-    root = app.workflow_dir(workflow_id)
-    errors = {arg: [problem] for arg, problem in
-              ((arg, launch_problem(definition, root, arg)) for arg, definition in arguments.items()) if problem}
+    with app.open_workflow_folder(workflow_id) as root:
+        errors = {arg: [problem] for arg, problem in
+                  ((arg, launch_problem(definition, root, arg)) for arg, definition in arguments.items()) if problem}
     if errors:
         raise ApiError.of(422, errors)
     session = resume_session(conn, workflow_id) if resume else None
-    return row, name, arguments, nextflow_params(pipeline, arguments, root), session
+    return row, name, arguments, nextflow_params(pipeline, arguments, app.workflow_dir(workflow_id)), session
 
 
 def launch_problem(definition, root, name):
     """Why an argument cannot be launched with as it is: empty but required, invalid, or (paths and
-    patterns) not what is on disk."""
+    patterns) not what is in the workflow folder, the descriptor `root`."""
     value = definition["value"]
     if is_empty(value):
         return "cannot be empty" if definition.get("required") else None
@@ -1250,23 +1517,24 @@ def launch_problem(definition, root, name):
             return next(filter(None, (disk_path_problem(definition, root, v, name)
                                       for v in (value if isinstance(value, list) else [value]))), None)
         if definition["type"] == "file-glob":
-            real_root = os.path.realpath(root)
-            matches = [m for m in glob.glob(resolve(root, value, name)) if inside(real_root, os.path.realpath(m))]
-            return None if matches else "matches no file in the workflow folder"
+            matched = glob_matches(root, path_names(value, name))
+            return None if matched else "matches no file in the workflow folder"
     except ApiError as e:
         return e.errors[name][0]
     return None
 
 
 def disk_path_problem(definition, root, value, name):
-    target = resolve(root, value, name)
-    if not os.path.exists(target):
+    st = path_lstat(root, path_names(value, name), name)
+    if st is None:
         return "%s does not exist" % value if definition.get("exists") else None
-    if os.path.isdir(target) and not definition.get("selectable_folders"):
-        return "%s is a folder, a file is expected" % value
-    if not os.path.isdir(target) and not definition.get("selectable_files"):
-        return "%s is a file, a folder is expected" % value
-    return None
+    if stat.S_ISLNK(st.st_mode):
+        return "%s is a symlink: symlinks in the workflow folder are not followed" % value
+    if stat.S_ISDIR(st.st_mode):
+        return None if definition.get("selectable_folders") else "%s is a folder, a file is expected" % value
+    if not stat.S_ISREG(st.st_mode):
+        return "%s is not a regular file or folder" % value
+    return None if definition.get("selectable_files") else "%s is a file, a folder is expected" % value
 
 
 def resume_session(conn, workflow_id):
@@ -1291,9 +1559,9 @@ def nextflow_params(pipeline, arguments, root):
 def param_value(definition, root, name):
     value, kind = definition["value"], definition["type"]
     if kind in ("path", "file-glob"):
-        return resolve(root, value, name)
+        return workflow_path(root, value, name)
     if kind == "paths":
-        return ",".join(resolve(root, v, name) for v in value)
+        return ",".join(workflow_path(root, v, name) for v in value)
     return value
 
 
@@ -1630,19 +1898,18 @@ def run_log_path(app, run, which):
 
 def workflow_download(req, id):
     """A file (zero-copy with sendfile, single Range requests, ETag) or a folder as a streamed archive."""
-    root = req.app.existing_workflow_dir(id)
-    target = resolve(root, req.query_str("path", ""), "path")
-    if os.path.isdir(target):
-        return folder_archive(req, root, target, req.query_str("format", "zip"))
-    try:
-        f = open(target, "rb")
-    except FileNotFoundError:
-        raise ApiError(404, "path", "no such file or folder")
-    try:
-        return file_download(req, f, os.path.basename(target))
-    except BaseException:
-        f.close()
-        raise
+    names = path_names(req.query_str("path", ""), "path")
+    fmt = req.query_str("format", "zip")
+    if fmt not in ARCHIVE_FORMATS:
+        raise ApiError(422, "format", "must be zip or tar.gz")
+    with req.app.open_workflow_folder(id) as root:
+        if not names:
+            return folder_archive(open_folder(root, [], "path"), "workflow-%d" % id, fmt)
+        with open_folder(root, names[:-1], "path") as folder:
+            entry, st = open_entry(folder, names[-1], "path")
+    if stat.S_ISDIR(st.st_mode):
+        return folder_archive(entry, names[-1], fmt)
+    return file_download(req, os.fdopen(entry.detach(), "rb"), names[-1])
 
 
 def file_download(req, f, name):
@@ -1704,39 +1971,89 @@ def attachment(name):
     return "attachment; filename=\"%s\"; filename*=UTF-8''%s" % (fallback, urllib.parse.quote(name, safe=""))
 
 
-def folder_archive(req, root, folder, fmt):
-    """Stream a folder as zip or tar.gz while walking it: nothing is built in memory or on disk.
-    Symlinks are left out, so nothing outside the workflow folder can end up in the archive."""
-    if fmt not in ("zip", "tar.gz"):
-        raise ApiError(422, "format", "must be zip or tar.gz")
-    base = os.path.basename(folder) if os.path.realpath(folder) != os.path.realpath(root) else "workflow-%s" % os.path.basename(root)
+ARCHIVE_FORMATS = ("zip", "tar.gz")
+
+
+def folder_archive(folder, base, fmt):
+    """Stream the folder (a Descriptor) as zip or tar.gz while walking it: nothing is built in memory
+    or on disk. Only regular files and folders go in (see archive_entries)."""
     headers = {"Content-Type": "application/zip" if fmt == "zip" else "application/gzip",
                "Content-Disposition": attachment("%s.%s" % (base, fmt))}
 
     def send(handler):
-        out = ChunkedWriter(handler.wfile)
-        if fmt == "zip":
-            with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-                for path, name in archive_entries(folder, base):
-                    archive.write(path, name)
-        else:
-            with tarfile.open(fileobj=out, mode="w|gz") as archive:
-                for path, name in archive_entries(folder, base):
-                    archive.add(path, name, recursive=False)
-        out.close()
+        with folder:
+            out = ChunkedWriter(handler.wfile)
+            if fmt == "zip":
+                with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                    for name, f, st in archive_entries(folder.fd, base, utf8_only=True):
+                        add_to_zip(archive, name, f, st)
+            else:
+                # Names that are not UTF-8 keep their bytes (a pax header with hdrcharset=BINARY).
+                with tarfile.open(fileobj=out, mode="w|gz", encoding="utf-8", errors="surrogateescape") as archive:
+                    for name, f, st in archive_entries(folder.fd, base, utf8_only=False):
+                        add_to_tar(archive, name, f, st)
+            out.close()
     return 200, Body(headers, None, send)
 
 
-def archive_entries(folder, base):
-    for parent, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not os.path.islink(os.path.join(parent, d)))
-        relative = os.path.relpath(parent, folder)
-        prefix = base if relative == "." else posixpath.join(base, relative)
-        yield parent, prefix + "/"
-        for name in sorted(files):
-            path = os.path.join(parent, name)
-            if not os.path.islink(path):
-                yield path, posixpath.join(prefix, name)
+def archive_entries(folder, prefix, utf8_only, depth=0):
+    """(name, open file or None for a folder, stat) for the folder descriptor `folder` and everything
+    in it, walked by descriptor without following symlinks: a folder, its files, then its folders.
+
+    Left out, so that a download never fails half-way: symlinks, FIFOs, devices and sockets, entries
+    that vanish during the walk, names that are not UTF-8 when `utf8_only` (zip), and folders deeper
+    than MAX_ARCHIVE_DEPTH; the last two with a note in the server log.
+    """
+    yield prefix + "/", None, os.fstat(folder)
+    if depth == MAX_ARCHIVE_DEPTH:
+        sys.stderr.write("nfapi: left the contents of %s out of an archive: deeper than %d folders\n"
+                         % (ascii(prefix), MAX_ARCHIVE_DEPTH))
+        return
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    if utf8_only:
+        for e in entries:
+            if not is_utf8(e.name):
+                sys.stderr.write("nfapi: left %s out of a zip archive: its name is not UTF-8\n"
+                                 % ascii(os.fsencode(prefix + "/" + e.name)))
+        entries = [e for e in entries if is_utf8(e.name)]
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            with contextlib.suppress(OSError), open(os.open(entry.name, ENTRY_FLAGS, dir_fd=folder), "rb") as f:
+                st = os.fstat(f.fileno())
+                if stat.S_ISREG(st.st_mode):
+                    yield prefix + "/" + entry.name, f, st
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            with contextlib.suppress(OSError), Descriptor(os.open(entry.name, FOLDER_FLAGS, dir_fd=folder)) as sub:
+                yield from archive_entries(sub, prefix + "/" + entry.name, utf8_only, depth + 1)
+
+
+def add_to_zip(archive, name, f, st):
+    info = zipfile.ZipInfo(name, zip_time(st.st_mtime))
+    info.external_attr = (st.st_mode & 0xFFFF) << 16
+    if f is None:
+        info.external_attr |= 0x10  # the MS-DOS folder flag
+        archive.writestr(info, b"")
+        return
+    info.file_size = st.st_size  # lets zipfile choose ZIP64 for a large file, as archive.write does
+    with archive.open(info, "w") as out:
+        shutil.copyfileobj(f, out, READ_CHUNK)
+
+
+def zip_time(mtime):
+    """A zip entry's local date and time: zip can store the years 1980 to 2107 only."""
+    moment = time.localtime(min(max(mtime, 0), 2 ** 32))[:6]
+    return min(max(moment, (1980, 1, 1, 0, 0, 0)), (2107, 12, 31, 23, 59, 58))
+
+
+def add_to_tar(archive, name, f, st):
+    info = tarfile.TarInfo(name)
+    info.mtime, info.mode = st.st_mtime, stat.S_IMODE(st.st_mode)
+    if f is None:
+        info.type = tarfile.DIRTYPE
+    else:
+        info.size = st.st_size
+    archive.addfile(info, f)
 
 
 def openapi_json(req):
@@ -1898,7 +2215,9 @@ DOCS = {
     workflow_files: (["dir"], None, obj(["folders", "files"], folders=array(STR), files=array(STR))),
     workflow_upload_file: ([], "multipart", obj(["directory", "file"], directory=STR, file=STR)),
     workflow_delete_path: ([], obj(["path"], path=STR), NO_CONTENT),
-    workflow_create_folder: ([], obj(["path"], path=STR), NO_CONTENT),
+    # `path`, or nf-cloud's `new_path` (inside `target_path`, default "").
+    workflow_create_folder: ([], dict(obj(path=STR, new_path=STR, target_path=STR),
+                                      anyOf=[{"required": ["path"]}, {"required": ["new_path"]}]), NO_CONTENT),
     workflow_schedule: ([], obj(resume=BOOL), obj(["is_scheduled"], is_scheduled=BOOL)),
     workflow_cancel: ([], None, obj(["workflow"], workflow=ref("Workflow"))),
     workflow_command: (["resume"], None, obj(["argv", "cwd", "params", "params_file"], argv=array(STR), cwd=STR,
@@ -2457,12 +2776,20 @@ class App:
             except sqlite3.Error:
                 traceback.print_exc()
 
-    def existing_workflow_dir(self, workflow_id):
+    def open_workflow_folder(self, workflow_id):
+        """The workflow's folder as a Descriptor; 404 when there is no such workflow. A folder missing
+        for a workflow that exists (a crash right after create) is made again, under the write lock,
+        so that a workflow deleted meanwhile is not brought back."""
         with self.db.connection() as conn:
             workflow_row(conn, workflow_id)
-        root = self.workflow_dir(workflow_id)
-        make_private_dir(root)
-        return root
+        path = self.workflow_dir(workflow_id)
+        try:
+            return Descriptor(os.open(path, FOLDER_FLAGS))
+        except FileNotFoundError:
+            with self.db.write() as conn:
+                workflow_row(conn, workflow_id)
+                make_private_dir(path)
+            return Descriptor(os.open(path, FOLDER_FLAGS))
 
     def reconcile(self):
         """Clean up after a killed server: temp files, and folders of workflows that were deleted."""

@@ -128,8 +128,10 @@ def test_download_a_file_with_ranges(api, files):
 
 def test_download_errors(api, files):
     wid, root = files
-    for path, status in [("missing.txt", 404), ("../../api-token", 422), ("/etc/passwd", 422), ("results/escape", 422),
-                         ("results/escape-file", 422), ("results/escape/hostname", 422), ("%00", 422)]:
+    # "/etc/passwd" is <workflow folder>/etc/passwd: one leading "/" stands for the workflow folder.
+    for path, status in [("missing.txt", 404), ("../../api-token", 422), ("/etc/passwd", 404), ("//etc/passwd", 422),
+                         ("results/escape", 422), ("results/escape-file", 422), ("results/escape/hostname", 422),
+                         ("%00", 422)]:
         resp = api.get("/api/workflows/%d/download?path=%s" % (wid, path))
         assert resp.status == status, (path, resp)
     assert api.get("/api/workflows/%d/download?path=results&format=rar" % wid).status == 422

@@ -140,7 +140,7 @@ def update(api, wid, **values):
     ("label", "x" * 40, "x" * 41, "at most 40 characters"),
     ("samplesheet", "sheet.csv", "sheet.txt", "must match the pattern"),
     ("samplesheet", "sub/sheet.csv", "../sheet.csv", "'..'"),
-    ("reads", "data/*.fq", "/data/*.fq", "relative"),
+    ("reads", "/data/*.fq", "//data/*.fq", "relative"),
 ])
 def test_update_validation(api, name, good, bad, message):
     wid = schema_workflow(api)

@@ -56,9 +56,9 @@ def test_files_are_private(api, server):
 
 TRAVERSALS = [
     "..", "../", "../..", "../outside", "a/../../outside", "a/b/../../../outside", "./../outside",
-    "/etc", "//etc", "/etc/passwd", "///tmp", "sub/../../outside", "sub/..", "....//..//outside",
-    "../../../../../../../../tmp", "nul\x00byte", "a/\x00/b", "..\\outside", "a\\..\\..\\outside",
-    "link-out", "link-out/inside", "link-out/../x", "new\nline", "tab\there", "../" * 40,
+    "//etc", "//etc/passwd", "///tmp", "/..", "/../outside", "/./..", "//x", "sub/../../outside", "sub/..",
+    "....//..//outside", "../../../../../../../../tmp", "nul\x00byte", "a/\x00/b", "..\\outside",
+    "a\\..\\..\\outside", "link-out", "link-out/inside", "link-out/../x", "new\nline", "tab\there", "../" * 40,
     "dotdot-link", "dotdot-link/sub",
 ]
 
@@ -75,12 +75,15 @@ def test_traversal_attempts_are_refused(api, server, tmp_path):
     before_outside = sorted(os.listdir(str(outside)))
     before_data = sorted(os.listdir(os.path.join(server.data, "workflows")))
     attempts = 0
+    links = ("link-out", "dotdot-link")
     for path in TRAVERSALS:
-        for resp in (api.post("/api/workflows/%d/create-folder" % wid, {"path": path}),
-                     api.post("/api/workflows/%d/create-folder" % wid, {"path": path + "/made"}),
-                     api.post("/api/workflows/%d/delete-path" % wid, {"path": path}),
-                     api.post("/api/workflows/%d/delete-path" % wid, {"path": path + "/victim.txt"}),
-                     api.upload(wid, "planted.txt", b"evil", directory=path)):
+        answers = [api.post("/api/workflows/%d/create-folder" % wid, {"path": path}),
+                   api.post("/api/workflows/%d/create-folder" % wid, {"path": path + "/made"}),
+                   api.post("/api/workflows/%d/delete-path" % wid, {"path": path + "/victim.txt"}),
+                   api.upload(wid, "planted.txt", b"evil", directory=path)]
+        if path not in links:  # deleting a symlink itself is fine: see below
+            answers.append(api.post("/api/workflows/%d/delete-path" % wid, {"path": path}))
+        for resp in answers:
             attempts += 1
             assert resp.status in (400, 404, 422), (path, resp)
             assert resp.json()["errors"], (path, resp)
@@ -88,14 +91,18 @@ def test_traversal_attempts_are_refused(api, server, tmp_path):
         resp = api.get("/api/workflows/%d/files?dir=%s" % (wid, quoted))
         attempts += 1
         assert resp.status in (400, 404, 422), (path, resp)
-    for encoded in ("..%2foutside", "%2e%2e/outside", "%2E%2E%2F%2E%2E", "sub%2f..%2f..", "%2fetc", "%00"):
+    for encoded in ("..%2foutside", "%2e%2e/outside", "%2E%2E%2F%2E%2E", "sub%2f..%2f..", "%2f%2fetc", "%2f..", "%00"):
         resp = api.get("/api/workflows/%d/files?dir=%s" % (wid, encoded))
         attempts += 1
         assert resp.status == 422, (encoded, resp)
     # Percent-encoded and unicode look-alikes that are *names*, not traversal, stay inside.
     for harmless in ("..%2foutside", "\u2025", "\uff0e\uff0e", "\u002e\u002e\u2024"):
         assert api.post("/api/workflows/%d/create-folder" % wid, {"path": harmless}).status in (200, 422)
-    assert attempts >= 25 * 5
+    assert attempts >= 30 * 5
+    # Deleting a symlink removes the link, never what it points to.
+    for link in links:
+        assert api.post("/api/workflows/%d/delete-path" % wid, {"path": link}).status == 200
+        assert not os.path.lexists(os.path.join(root, link))
     assert sorted(os.listdir(str(outside))) == before_outside
     assert (outside / "victim.txt").read_text() == "do not touch"
     assert sorted(os.listdir(os.path.join(server.data, "workflows"))) == before_data
@@ -106,12 +113,33 @@ def test_traversal_attempts_are_refused(api, server, tmp_path):
     assert os.listdir(os.path.join(server.data, "tmp")) == []
 
 
-def test_symlink_inside_the_folder_is_followed(api, server):
+def test_one_leading_slash_stays_in_the_workflow_folder(api, server):
+    """"/etc/passwd" names <workflow folder>/etc/passwd; the system's /etc is never touched."""
+    wid = api.create("slash")
+    root = os.path.join(server.data, "workflows", str(wid))
+    etc_before = sorted(os.listdir("/etc"))
+    assert api.post("/api/workflows/%d/delete-path" % wid, {"path": "/etc/passwd"}).status == 404
+    assert api.get("/api/workflows/%d/download?path=/etc/passwd" % wid).status == 404
+    assert api.get("/api/workflows/%d/files?dir=/etc" % wid).status == 404
+    assert api.post("/api/workflows/%d/create-folder" % wid, {"path": "/etc"}).status == 200
+    assert api.upload(wid, "planted.txt", b"mine", directory="/etc").status == 200
+    assert api.get("/api/workflows/%d/files?dir=/etc/" % wid).json() == {"folders": [], "files": ["planted.txt"]}
+    with open(os.path.join(root, "etc", "planted.txt"), "rb") as f:
+        assert f.read() == b"mine"
+    assert api.post("/api/workflows/%d/delete-path" % wid, {"path": "/etc"}).status == 200
+    assert os.listdir(root) == []
+    assert sorted(os.listdir("/etc")) == etc_before and os.path.isfile("/etc/passwd")
+
+
+def test_symlinks_inside_the_folder_are_not_followed(api, server):
+    """Even one that stays inside: between a check and the use, it could be swapped for one that does not."""
     wid = api.create("links")
     api.upload(wid, "f.txt", b"x", directory="real")
     root = os.path.join(server.data, "workflows", str(wid))
     os.symlink("real", os.path.join(root, "alias"))
-    assert api.get("/api/workflows/%d/files?dir=alias" % wid).json()["files"] == ["f.txt"]
+    resp = api.get("/api/workflows/%d/files?dir=alias" % wid)
+    assert resp.status == 422 and "symlink" in resp.json()["errors"]["dir"][0]
+    assert api.get("/api/workflows/%d/files?dir=real" % wid).json()["files"] == ["f.txt"]
 
 
 def raw_request(port, data, read_until_close=True):
