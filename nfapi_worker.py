@@ -196,7 +196,7 @@ class RunProcess(threading.Thread):
         self.launch = launch
         self.run_id = launch["run_id"]
         self.proc = None
-        self.stopped_because = None  # "cancel" (a user, or the worker stopping) or "gone" (the server gave up)
+        self.stopped_because = None  # "cancel" (a user), "stop" (the worker stops) or "gone" (the server gave up)
         self.lock = threading.Lock()
 
     def run(self):
@@ -207,7 +207,10 @@ class RunProcess(threading.Thread):
                 exit_code, error = self.execute()
             except OSError as e:
                 exit_code, error = None, "the worker could not prepare the run: %s" % e
-            self.worker.report_finished(self.launch, exit_code, error, self.stopped_because == "cancel")
+            if self.proc is None and self.stopped_because == "stop":
+                self.worker.release(self.launch)  # nothing ran: another worker can take it
+            else:
+                self.worker.report_finished(self.launch, exit_code, error, self.stopped_because in ("cancel", "stop"))
         finally:
             self.worker.forget(self)
 
@@ -263,7 +266,7 @@ class RunProcess(threading.Thread):
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
         log("run %d: %s (SIGTERM to %d)", self.run_id,
-            "cancelling" if because == "cancel" else "the server gave it up; stopping nextflow", self.proc.pid)
+            "the server gave it up; stopping nextflow" if because == "gone" else "cancelling", self.proc.pid)
         timer = threading.Timer(self.worker.grace, self.kill_group)
         timer.daemon = True
         timer.start()
@@ -341,9 +344,13 @@ class Worker:
                 self.runs[run.run_id] = run
                 run.start()
                 return
-        # Claimed while stopping: give it back to the queue for another worker.
+        self.release(launch)  # claimed while stopping
+
+    def release(self, launch):
+        """Give a run that nothing was started for back to the queue, for another worker."""
         with contextlib.suppress(Unavailable):
             self.api.post("/api/worker/release", claim_of(launch))
+            log("run %d: given back to the queue", launch["run_id"])
 
     def forget(self, run):
         with self.lock:
@@ -419,7 +426,7 @@ class Worker:
         if runs:
             log("stopping %d run(s)", len(runs))
         for run in runs:
-            run.stop_nextflow("cancel")
+            run.stop_nextflow("stop")
         for run in runs:
             run.join()
 
