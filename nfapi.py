@@ -44,6 +44,7 @@ import math
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -69,6 +70,9 @@ DEFAULTS = {
     "header_timeout": 15,
     "max_connections": 512,
     "lease_seconds": 60,
+    "claim_confirm_seconds": 10,
+    "weblog_grace_seconds": 60,
+    "max_tasks_per_run": 1000 * 1000,
 }
 MAX_NAME_LENGTH = 512
 MAX_PART_HEADER_BYTES = 16 * 1024
@@ -84,6 +88,14 @@ ARG_TYPES = ("path", "paths", "file-glob", "number", "text", "boolean", "select"
 ACTIVE_RUN_STATES = ("queued", "running")
 FINAL_RUN_STATES = ("succeeded", "failed", "cancelled", "lost")
 MAX_CLAIM_WAIT = 30
+# Nextflow's biggest real weblog posts are a few KiB (`started` with 21.x's availableZoneIds: ~20 KiB).
+MAX_WEBLOG_BYTES = 256 * 1024
+MAX_WEBLOG_TEXT = 4096  # characters kept of a text a weblog post reports (a task's name, an errorMessage...)
+MAX_TASK_ID = 2 ** 31 - 1  # Nextflow's TaskId is an int
+TASKS_PAGE, MAX_TASKS_PAGE = 1000, 10000
+WEBLOG_CACHE_RUNS, WEBLOG_CACHE_SECONDS = 10000, 1.0  # see known_weblog_run
+# The only session id nfapi ever puts after -resume: the canonical form of a Java UUID.
+SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 NEXTFLOW_UNKNOWN_EXIT = 2147483647  # Integer.MAX_VALUE: a task's exit code before it is known
 # Nextflow's task states by progress: a late or repeated weblog post never moves a task back.
 TASK_STATUS_RANK = {"NEW": 0, "SUBMITTED": 1, "RUNNING": 2, "COMPLETED": 3, "FAILED": 3, "ABORTED": 3}
@@ -491,6 +503,18 @@ MIGRATIONS = [
         WHERE id = NEW.run_id;
     END;
     """,
+    # Who holds a run (claim_secret, confirmed_at), what the worker said and when (console_tail,
+    # late_report), and whether tasks were left out (tasks_truncated). Runs that were running before
+    # count as confirmed; a session id that is not a UUID (a forged weblog post) is forgotten.
+    """
+    ALTER TABLE runs ADD COLUMN claim_secret TEXT;
+    ALTER TABLE runs ADD COLUMN confirmed_at REAL;
+    ALTER TABLE runs ADD COLUMN console_tail TEXT;
+    ALTER TABLE runs ADD COLUMN late_report TEXT;
+    ALTER TABLE runs ADD COLUMN tasks_truncated INTEGER NOT NULL DEFAULT 0;
+    UPDATE runs SET confirmed_at = started_at WHERE status = 'running';
+    UPDATE runs SET session_id = NULL WHERE session_id NOT GLOB '%s';
+    """ % "-".join("[0-9a-f]" * n for n in (8, 4, 4, 4, 12)),
 ]
 
 
@@ -1141,7 +1165,7 @@ def no_workflow(workflow_id):
 
 RUN_COLUMNS = ("status", "pipeline", "created_at", "started_at", "finished_at", "exit_code", "error_message",
                "submitted", "completed", "failed", "cached", "resume", "nextflow_run_name", "session_id", "worker",
-               "command")
+               "command", "console_tail", "tasks_truncated", "late_report")
 WORKFLOW_SELECT = """
     SELECT w.id, w.name, w.nextflow_workflow, w.nextflow_arguments, r.id AS run_id, %s
     FROM workflows w""" % ", ".join("r." + c for c in RUN_COLUMNS) + """
@@ -1154,7 +1178,9 @@ def run_json(row, run_id):
     run = {"id": run_id}
     run.update((column, row[column]) for column in RUN_COLUMNS)
     run["resume"] = bool(run["resume"])
+    run["tasks_truncated"] = bool(run["tasks_truncated"])
     run["command"] = [redact(arg) for arg in json.loads(row["command"] or "[]")]
+    run["late_report"] = json.loads(row["late_report"]) if row["late_report"] else None
     return run
 
 
@@ -1292,8 +1318,10 @@ def workflow_delete(req, id):
     with req.app.db.write() as conn:
         workflow_row(conn, id)
         refuse_if_active(conn, id, "delete a workflow")
+        runs = [row["id"] for row in conn.execute("SELECT id FROM runs WHERE workflow_id = ?", (id,))]
         conn.execute("DELETE FROM workflows WHERE id = ?", (id,))
-    for folder in (req.app.workflow_dir(id), req.app.launch_dir(id)):
+    # Run folders go too: their logs hold the weblog URL with the run's secret.
+    for folder in [req.app.workflow_dir(id), req.app.launch_dir(id)] + [req.app.run_dir(run) for run in runs]:
         if os.path.exists(folder):
             remove_tree_atomically(folder, req.app.tmp_dir)
     return 200, {}
@@ -1582,30 +1610,60 @@ def workflow_cancel(req, id):
 
 
 def workflow_finished(req, id):
-    """The worker reports how nextflow ended. Repeating the report changes nothing."""
+    """The worker that holds the run's claim reports how nextflow ended. Repeating the report changes
+    nothing. `lost` is final: a report for a lost run is kept as its `late_report`, nothing else changes.
+
+    Which error a client sees: Nextflow's own errorMessage (from its `completed` post, taken while the
+    run is active) when there is one, as it names the cause; else the console tail the worker sends.
+    A weblog post can forge the first, but the tail is kept apart as `console_tail`: only the claim's
+    holder can set it, and nothing replaces it.
+    """
     body = req.json()
     run_id, exit_code = body.get("run_id"), body.get("exit_code")
     if not is_int(run_id):
         raise ApiError(422, "run_id", "must be an integer")
     if exit_code is not None and not is_int(exit_code):
         raise ApiError(422, "exit_code", "must be an integer or null")
-    console_error = body.get("error") if isinstance(body.get("error"), str) else None
+    now = time.time()
     with req.app.db.write() as conn:
-        run = conn.execute("SELECT * FROM runs WHERE id = ? AND workflow_id = ?", (run_id, id)).fetchone()
-        if run is None:
-            raise ApiError(404, "run_id", "no such run for this workflow")
-        if run["status"] not in ("running", "lost"):
-            return 200, None
-        if run["cancel_requested"] or body.get("cancelled") is True:
-            status = "cancelled"
-        else:
-            status = "succeeded" if exit_code == 0 else "failed"
-        error = None
-        if status != "succeeded":
-            error = run["nextflow_error"] or console_error or "nextflow exited with code %s" % exit_code
-        conn.execute("UPDATE runs SET status = ?, finished_at = ?, exit_code = ?, error_message = ?, lease_until = NULL "
-                     "WHERE id = ? AND status IN ('running', 'lost')", (status, time.time(), exit_code, error, run_id))
+        run = claimed_run(conn, run_id, body.get("claim_secret"), id)
+        tail = body.get("error")
+        tail = mask_secrets(tail[-MAX_WEBLOG_TEXT:], log_secrets(req.app, run)) if isinstance(tail, str) else None
+        cancelled = bool(run["cancel_requested"]) or body.get("cancelled") is True
+        if run["status"] == "lost":
+            report = {"reported_at": now, "exit_code": exit_code, "cancelled": cancelled, "console_tail": tail}
+            conn.execute("UPDATE runs SET late_report = ? WHERE id = ? AND status = 'lost'",
+                         (json.dumps(report), run_id))
+        elif run["status"] == "running":
+            status = "cancelled" if cancelled else "succeeded" if exit_code == 0 else "failed"
+            error = None
+            if status != "succeeded":
+                error = run["nextflow_error"] or tail or "nextflow exited with code %s" % exit_code
+            conn.execute("UPDATE runs SET status = ?, finished_at = ?, exit_code = ?, error_message = ?, "
+                         "console_tail = ?, lease_until = NULL WHERE id = ? AND status = 'running'",
+                         (status, now, exit_code, error, tail, run_id))
+    if run["status"] == "lost":
+        req.app.announce_work()  # the workflow's next run no longer waits for this one (claim_next_run)
     return 200, None
+
+
+def claimed_run(conn, run_id, claim_secret, workflow_id=None):
+    """The run, when `claim_secret` is the one its claim gave the worker; else 404 or 403.
+
+    The worker's name is public (run JSON): the claim secret is what proves a report comes from the
+    worker that holds the run."""
+    run = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+    if run is None or workflow_id not in (None, run["workflow_id"]):
+        raise ApiError(404, "run_id", "no such run for this workflow")
+    if not holds_claim(run, claim_secret):
+        raise ApiError(403, "claim_secret", "only the worker holding this run's claim may report on it; "
+                                            "send the claim_secret its claim answer gave")
+    return run
+
+
+def holds_claim(run, claim_secret):
+    return isinstance(claim_secret, str) and run["claim_secret"] is not None and \
+        hmac.compare_digest(claim_secret.encode(), run["claim_secret"].encode())
 
 
 def is_int(value):
@@ -1623,52 +1681,109 @@ def workflow_nextflow_log(req, id):
     """Nextflow's weblog (one POST per event, sequential, waiting for each answer): record and answer fast.
 
     The URL carries `?run=<run id>&token=<secret>`; HTTP Basic `<any user>:<secret>` (weblog.basicToken)
-    works too. Counting is idempotent: tasks are rows keyed by (run, task_id).
+    works too. The secret is checked before the body is read: a wrong one is answered (and the
+    connection closed) without reading its body. It works until `weblog_grace_seconds` after the run
+    ended. Counting is idempotent: tasks are rows keyed by (run, task_id).
     """
-    run_id, secret, message = req.query_int("run", None), req.weblog_secret(), req.json()
+    run_id, secret = req.query_int("run", None), req.weblog_secret()
+    refusal = weblog_refusal(req.app, known_weblog_run(req, id, run_id), secret)
+    if refusal:
+        raise refusal
+    if req.body_left > MAX_WEBLOG_BYTES:
+        raise ApiError(413, "body", "weblog posts are limited to %d bytes" % MAX_WEBLOG_BYTES)
+    message = req.json()
 
     def record(conn):
-        # Checked in the write transaction: the writing connection has the run's page cached,
-        # and the run cannot be deleted between the check and the write.
-        row = None if run_id is None else conn.execute(
-            "SELECT secret FROM runs WHERE id = ? AND workflow_id = ?", (run_id, id)).fetchone()
-        if row is None or not hmac.compare_digest(secret.encode(), row["secret"].encode()):
-            return False
-        record_weblog(conn, run_id, message)
-        return True
-    if not req.app.db.write_together(record):
-        raise ApiError(401, "token", "missing or wrong run secret", {"WWW-Authenticate": 'Basic realm="nfapi run"'})
+        # Checked again in the write transaction: the run may have ended meanwhile, and it cannot
+        # be deleted between this check and the write.
+        run = weblog_run(conn, id, run_id)
+        refusal = weblog_refusal(req.app, run, secret)
+        if refusal is None:
+            record_weblog(req.app, conn, run, message)
+        return refusal
+    refusal = req.app.db.write_together(record)
+    if refusal:
+        raise refusal
     return 200, None
 
 
-def record_weblog(conn, run_id, message):
+def weblog_run(conn, workflow_id, run_id):
+    return None if run_id is None else conn.execute(
+        "SELECT id, workflow_id, secret, status, finished_at, submitted FROM runs WHERE id = ? AND workflow_id = ?",
+        (run_id, workflow_id)).fetchone()
+
+
+def known_weblog_run(req, workflow_id, run_id):
+    """The run as the check before a post's body is read sees it, from App.weblog_runs.
+
+    A post is one upsert: a read of its own would cost it a tenth more. A run that has not ended is
+    read again after WEBLOG_CACHE_SECONDS, which is within the grace period (1 s at least): a post
+    the cache lets through is never one past the grace. The write transaction checks again anyway.
+    """
+    cached = req.app.weblog_runs.get(run_id)
+    if cached and cached[0]["workflow_id"] == workflow_id and (
+            cached[0]["finished_at"] is not None or time.monotonic() < cached[1] + WEBLOG_CACHE_SECONDS):
+        return cached[0]
+    with req.db() as conn:
+        run = weblog_run(conn, workflow_id, run_id)
+    if run is not None:
+        if len(req.app.weblog_runs) >= WEBLOG_CACHE_RUNS:
+            req.app.weblog_runs.clear()
+        req.app.weblog_runs[run_id] = (run, time.monotonic())
+    return run
+
+
+def weblog_refusal(app, run, secret):
+    """Why a weblog post for `run` may not be recorded, as the ApiError to answer; None when it may."""
+    if run is None or not hmac.compare_digest(secret.encode(), run["secret"].encode()):
+        return ApiError(401, "token", "missing or wrong run secret", {"WWW-Authenticate": 'Basic realm="nfapi run"'})
+    if run["finished_at"] is not None and time.time() > run["finished_at"] + app.config["weblog_grace_seconds"]:
+        return ApiError(409, "run", "the run has ended; its weblog secret no longer works")
+    return None
+
+
+def record_weblog(app, conn, run, message):
+    """Tasks are recorded as long as the secret works; the run's own fields only while it is active
+    (a late or forged post cannot rewrite a run that ended)."""
     event = message.get("event") or message.get("runStatus")
     trace = message.get("trace")
     if isinstance(trace, dict):
-        record_task(conn, run_id, trace)
+        record_task(app, conn, run, trace)
+    if run["status"] not in ACTIVE_RUN_STATES:
+        return
     if event == "started":
-        conn.execute("UPDATE runs SET nextflow_run_name = ?, session_id = ? WHERE id = ?",
-                     (text_or_none(message.get("runName")), text_or_none(message.get("runId")), run_id))
+        session = message.get("runId")
+        # A later -resume launch puts the session id on nextflow's command line: nothing but a
+        # session id may ever get there.
+        if isinstance(session, str) and SESSION_ID.fullmatch(session):
+            conn.execute("UPDATE runs SET nextflow_run_name = ?, session_id = ? WHERE id = ?",
+                         (text_or_none(message.get("runName")), session, run["id"]))
     elif event == "completed":
         metadata = message.get("metadata") if isinstance(message.get("metadata"), dict) else {}
         workflow = metadata.get("workflow") if isinstance(metadata.get("workflow"), dict) else {}
         stats = workflow.get("stats") if isinstance(workflow.get("stats"), dict) else {}
-        success = workflow.get("success")
+        success, cached = workflow.get("success"), stats.get("cachedCount")
+        if not (is_int(cached) and 0 <= cached <= app.config["max_tasks_per_run"]):
+            cached = None
         conn.execute("UPDATE runs SET nextflow_success = ?, nextflow_error = ?, cached = ? WHERE id = ?",
                      (int(success) if isinstance(success, bool) else None, text_or_none(workflow.get("errorMessage")),
-                      stats.get("cachedCount") if is_int(stats.get("cachedCount")) else None, run_id))
+                      cached, run["id"]))
 
 
-def record_task(conn, run_id, trace):
+def record_task(app, conn, run, trace):
     """Upsert one task. Its status only moves forward (a late RUNNING never undoes COMPLETED, and a
     final status never changes), so a repeated or reordered post counts once; triggers keep the
-    run's counters."""
+    run's counters. Past `max_tasks_per_run` tasks, new ones are left out and the run says so."""
     task_id, status = trace.get("task_id"), trace.get("status")
-    if not is_int(task_id) or status not in TASK_STATUS_RANK:
+    if not is_int(task_id) or not 0 < task_id <= MAX_TASK_ID or status not in TASK_STATUS_RANK:
+        return
+    if run["submitted"] >= app.config["max_tasks_per_run"] and conn.execute(
+            "SELECT 1 FROM tasks WHERE run_id = ? AND task_id = ?", (run["id"], task_id)).fetchone() is None:
+        conn.execute("UPDATE runs SET tasks_truncated = 1 WHERE id = ? AND tasks_truncated = 0", (run["id"],))
         return
     exit_code = trace.get("exit")
     conn.execute(UPSERT_TASK, (
-        run_id, task_id, text_or_none(trace.get("name")), text_or_none(trace.get("process")),
+        run["id"], task_id, text_or_none(trace.get("name")), text_or_none(trace.get("process")),
         text_or_none(trace.get("tag")), status,
         exit_code if is_int(exit_code) and exit_code != NEXTFLOW_UNKNOWN_EXIT else None,
         epoch_ms(trace.get("submit")), epoch_ms(trace.get("start")), epoch_ms(trace.get("complete")),
@@ -1691,7 +1806,8 @@ UPSERT_TASK = """
 
 
 def text_or_none(value):
-    return value if isinstance(value, str) else None
+    """A text a weblog post reports, cut to MAX_WEBLOG_TEXT characters; None for anything else."""
+    return value[:MAX_WEBLOG_TEXT] if isinstance(value, str) else None
 
 
 def epoch_ms(value):
@@ -1699,10 +1815,20 @@ def epoch_ms(value):
 
 
 # ==== Worker protocol ====
+# A claim gives the worker the run and a claim secret. The worker confirms the claim with its first
+# heartbeat before it starts nextflow; a claim not confirmed within `claim_confirm_seconds` goes back
+# to the queue (App.requeue_unconfirmed_claims). Heartbeats, `finished` and `release` must show the
+# claim secret. A run whose heartbeats stop for a lease is `lost` for good (App.reap_lost_runs).
+
+# How a claimed run goes back to the queue, as if it had never been claimed.
+REQUEUE = ("status = 'queued', worker = NULL, started_at = NULL, lease_until = NULL, command = NULL, "
+           "claim_secret = NULL, confirmed_at = NULL")
+
 
 def worker_claim(req):
     """Long-poll for a queued run: answer `{"run": launch}` at once when there is one, else wait up
-    to `wait` seconds for one to be scheduled, then answer `{"run": null}`."""
+    to `wait` seconds for one to be scheduled, then answer `{"run": null}`. A worker that closes the
+    connection withdraws its poll: nothing is claimed for it after that."""
     body = req.json()
     worker = body.get("worker")
     if not isinstance(worker, str) or not 1 <= len(worker) <= 200:
@@ -1714,11 +1840,25 @@ def worker_claim(req):
     deadline = time.monotonic() + wait
     while True:
         generation = req.app.work_generation
-        launch = claim_next_run(req.app, worker, host)
+        launch, held_until = claim_next_run(req.app, worker, host)
         remaining = deadline - time.monotonic()
         if launch or remaining <= 0:
             return 200, {"run": launch}
+        if held_until is not None:
+            remaining = min(remaining, max(0.01, held_until - time.time()))
         req.app.wait_for_work(generation, remaining)
+        if client_left(req.connection):
+            raise ClientGone()
+
+
+def client_left(sock):
+    """Whether the client closed its end of the connection (bytes it sent stay unread)."""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0)) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except OSError:
+        return True
 
 
 def weblog_host(req):
@@ -1730,25 +1870,53 @@ def weblog_host(req):
 
 
 def claim_next_run(app, worker, host):
-    """Atomically move the oldest queued run to running for `worker` and return its launch spec."""
+    """Atomically move the oldest queued run that may start to running for `worker`.
+
+    Returns (its launch spec, None), or (None, when a run held back by startable_run may start, or None).
+    """
     now = time.time()
     with app.db.write() as conn:
         while True:
-            run = conn.execute("SELECT * FROM runs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
+            run, held_until = startable_run(conn, now, app.config["lease_seconds"])
             if run is None:
-                return None
+                return None, held_until
             pipeline = app.config["pipelines"].get(run["pipeline"])
             if pipeline is None:
                 conn.execute("UPDATE runs SET status = 'failed', finished_at = ?, error_message = ? WHERE id = ?",
                              (now, "the pipeline %r is no longer configured" % run["pipeline"], run["id"]))
                 continue
             launch = launch_spec(app, run, pipeline, host)
+            launch.update(claim_secret=secrets.token_urlsafe(24),
+                          claim_confirm_seconds=app.config["claim_confirm_seconds"])
             claimed = conn.execute(
-                "UPDATE runs SET status = 'running', worker = ?, started_at = ?, lease_until = ?, command = ? "
-                "WHERE id = ? AND status = 'queued'",
-                (worker, now, now + app.config["lease_seconds"], json.dumps(launch["argv"]), run["id"])).rowcount
+                "UPDATE runs SET status = 'running', worker = ?, started_at = ?, lease_until = ?, command = ?, "
+                "claim_secret = ?, confirmed_at = NULL WHERE id = ? AND status = 'queued'",
+                (worker, now, now + app.config["lease_seconds"], json.dumps(launch["argv"]), launch["claim_secret"],
+                 run["id"])).rowcount
             if claimed == 1:
-                return launch
+                return launch, None
+
+
+QUEUED_RUNS = """
+    SELECT r.*, (SELECT max(l.finished_at) FROM runs l WHERE l.workflow_id = r.workflow_id AND l.status = 'lost'
+                 AND l.late_report IS NULL) AS lost_at
+    FROM runs r WHERE r.status = 'queued' ORDER BY r.id
+"""
+
+
+def startable_run(conn, now, hold):
+    """The oldest queued run that may start, and when the first one held back may (None if none is).
+
+    A `lost` run's nextflow may still be running in the workflow's launch folder (its worker was
+    paused, or cut off). The workflow's next run waits until that worker reports the end (late_report)
+    or for `hold` seconds; after that, the worker's lock on the launch folder decides.
+    """
+    held_until = None
+    for run in conn.execute(QUEUED_RUNS).fetchall():
+        if run["lost_at"] is None or run["lost_at"] + hold <= now:
+            return run, None
+        held_until = min(held_until or math.inf, run["lost_at"] + hold)
+    return None, held_until
 
 
 def launch_spec(app, run, pipeline, host):
@@ -1772,39 +1940,43 @@ def launch_spec(app, run, pipeline, host):
 
 
 def worker_release(req):
-    """A worker that claimed a run while stopping gives it back to the queue."""
+    """A worker that claimed a run while stopping gives it back to the queue (it started nothing)."""
     body = req.json()
-    if not is_int(body.get("run_id")) or not isinstance(body.get("worker"), str):
-        raise ApiError(422, "run_id", "give the worker and the run_id it claimed")
+    if not is_int(body.get("run_id")):
+        raise ApiError(422, "run_id", "give the run_id and claim_secret of the claim")
     with req.app.db.write() as conn:
-        released = conn.execute("UPDATE runs SET status = 'queued', worker = NULL, started_at = NULL, lease_until = NULL, "
-                                "command = NULL WHERE id = ? AND worker = ? AND status = 'running'",
-                                (body["run_id"], body["worker"])).rowcount
+        claimed_run(conn, body["run_id"], body.get("claim_secret"))
+        released = conn.execute("UPDATE runs SET %s WHERE id = ? AND status = 'running'" % REQUEUE,
+                                (body["run_id"],)).rowcount
     if not released:
-        raise ApiError(409, "run_id", "this worker is not running that run")
+        raise ApiError(409, "run_id", "that run is not running")
     req.app.announce_work()
     return 200, {}
 
 
 def worker_heartbeat(req):
-    """Extend the lease of a worker's runs; answer which to cancel and which the server gave up on."""
-    body = req.json()
-    worker, run_ids = body.get("worker"), body.get("runs")
-    if not isinstance(worker, str):
-        raise ApiError(422, "worker", "must be a string")
-    if not isinstance(run_ids, list) or len(run_ids) > 1000 or not all(is_int(r) for r in run_ids):
-        raise ApiError(422, "runs", "must be a list of run ids")
-    if not run_ids:
-        return 200, {"cancel": [], "gone": []}
-    marks = ",".join("?" * len(run_ids))
+    """Extend the lease of the runs a worker holds (the first heartbeat of a claim confirms it).
+    Answer which to cancel, and which are not the worker's any more (`gone`: stop that nextflow)."""
+    claims = req.json().get("runs")
+    if not isinstance(claims, list) or len(claims) > 1000 or not all(
+            isinstance(c, dict) and is_int(c.get("run_id")) and isinstance(c.get("claim_secret"), str) for c in claims):
+        raise ApiError(422, "runs", "must be a list of {run_id, claim_secret}, one for each run the worker holds")
+    cancel, gone = [], []
+    if not claims:
+        return 200, {"cancel": cancel, "gone": gone}
+    now = time.time()
     with req.app.db.write() as conn:
-        conn.execute("UPDATE runs SET lease_until = ? WHERE status = 'running' AND worker = ? AND id IN (%s)" % marks,
-                     [time.time() + req.app.config["lease_seconds"], worker] + run_ids)
-        rows = conn.execute("SELECT id, status, worker, cancel_requested FROM runs WHERE id IN (%s)" % marks,
-                            run_ids).fetchall()
-    running = {r["id"]: r for r in rows if r["status"] == "running" and r["worker"] == worker}
-    return 200, {"cancel": [i for i, r in running.items() if r["cancel_requested"]],
-                 "gone": [i for i in run_ids if i not in running]}
+        for claim in claims:
+            run = conn.execute("SELECT status, claim_secret, cancel_requested FROM runs WHERE id = ?",
+                               (claim["run_id"],)).fetchone()
+            if run is None or run["status"] != "running" or not holds_claim(run, claim["claim_secret"]):
+                gone.append(claim["run_id"])
+                continue
+            conn.execute("UPDATE runs SET lease_until = ?, confirmed_at = coalesce(confirmed_at, ?) WHERE id = ?",
+                         (now + req.app.config["lease_seconds"], now, claim["run_id"]))
+            if run["cancel_requested"]:
+                cancel.append(claim["run_id"])
+    return 200, {"cancel": cancel, "gone": gone}
 
 
 # ==== Runs, logs and downloads ====
@@ -1838,16 +2010,20 @@ def workflow_run(req, id, run_id):
 
 
 def workflow_run_tasks(req, id, run_id):
-    """The run's tasks as reported by Nextflow's weblog, by task id; `?status=FAILED` filters."""
+    """The run's tasks as reported by Nextflow's weblog, by task id, a page at a time (`limit`, 1000 by
+    default); `next_offset` is the `offset` of the next page, null after the last. `?status=FAILED` filters."""
     status = req.query_str("status", None)
     if status is not None and status not in TASK_STATUS_RANK:
         raise ApiError(422, "status", "must be one of %s" % ", ".join(TASK_STATUS_RANK))
-    offset, limit = req.query_int("offset", 0), req.query_int("limit", -1)
+    offset, limit = req.query_int("offset", 0), req.query_int("limit", TASKS_PAGE)
+    if not 1 <= limit <= MAX_TASKS_PAGE:
+        raise ApiError(422, "limit", "must be from 1 to %d" % MAX_TASKS_PAGE)
     with req.db() as conn:
         run_row(conn, id, run_id)
         rows = conn.execute("SELECT * FROM tasks WHERE run_id = ? AND (? IS NULL OR status = ?) "
-                            "ORDER BY task_id LIMIT ? OFFSET ?", (run_id, status, status, limit, offset)).fetchall()
-    return 200, {"tasks": [task_json(row) for row in rows]}
+                            "ORDER BY task_id LIMIT ? OFFSET ?", (run_id, status, status, limit + 1, offset)).fetchall()
+    return 200, {"tasks": [task_json(row) for row in rows[:limit]],
+                 "next_offset": offset + limit if len(rows) > limit else None}
 
 
 def task_json(row):
@@ -1861,7 +2037,8 @@ def workflow_log(req, id):
     """A run's console output (or `file=nextflow`: its .nextflow.log) as text from byte `offset`.
 
     `X-Next-Offset` says where to continue and `X-Run-Status` whether more may come, so a client
-    can follow a live run: ask again from X-Next-Offset until the status is final.
+    can follow a live run: ask again from X-Next-Offset until the status is final. The run's weblog
+    secret and the API tokens are masked with `*`, byte for byte.
     """
     which = req.query_str("file", "console")
     if which not in ("console", "nextflow"):
@@ -1869,18 +2046,8 @@ def workflow_log(req, id):
     offset = req.query_int("offset", 0)
     with req.db() as conn:
         run = run_row(conn, id, req.query_int("run", None))
-    path = run_log_path(req.app, run, which)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if offset > size:
-                raise ApiError(416, "offset", "the log has only %d bytes" % size)
-            f.seek(offset)
-            data = f.read(LOG_CHUNK_BYTES)
-    except FileNotFoundError:
-        if offset:
-            raise ApiError(416, "offset", "the log is empty")
-        data, size = b"", 0
+    data, size = read_log(run_log_path(req.app, run, which), offset, log_secrets(req.app, run),
+                          run["status"] in ACTIVE_RUN_STATES)
     return 200, Body.of({"Content-Type": "text/plain; charset=utf-8", "X-Next-Offset": str(offset + len(data)),
                          "X-Log-Size": str(size), "X-Run-Status": run["status"], "X-Run-Id": str(run["id"])}, data)
 
@@ -1894,6 +2061,59 @@ def run_log_path(app, run, which):
     if run["status"] != "running" or os.path.exists(kept):
         return kept
     return os.path.join(app.launch_dir(run["workflow_id"]), ".nextflow.log")
+
+
+def read_log(path, offset, secrets, growing):
+    """(up to LOG_CHUNK_BYTES of the log from `offset` with `secrets` masked, the log's size).
+
+    Nextflow and the pipeline write in the launch folder, so the log is opened without following a
+    link or waiting for a FIFO's writer, and served only if it is a regular file. Masks keep the
+    length, so offsets stay true. The bytes read around the chunk catch a secret across its edges;
+    while the log `growing`, an end that could be the start of a secret is held back.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        if offset:
+            raise ApiError(416, "offset", "the log is empty")
+        return b"", 0
+    except OSError:
+        raise not_a_log()
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise not_a_log()
+        if offset > st.st_size:
+            raise ApiError(416, "offset", "the log has only %d bytes" % st.st_size)
+        margin = max(len(secret) for secret in secrets) - 1
+        start = max(0, offset - margin)
+        wanted = offset - start + LOG_CHUNK_BYTES + margin
+        window = mask_secrets(os.pread(fd, wanted, start), secrets)
+    finally:
+        os.close(fd)
+    end = len(window)
+    if growing and end < wanted:
+        end -= max((n for secret in secrets for n in range(1, len(secret)) if window.endswith(secret[:n])), default=0)
+    return window[offset - start:min(end, offset - start + LOG_CHUNK_BYTES)], st.st_size
+
+
+def not_a_log():
+    return ApiError(409, "file", "the log is not a regular file (a link, a FIFO...), so it is not served")
+
+
+def log_secrets(app, run):
+    """What no log may show: the run's weblog secret and the API tokens."""
+    return [secret.encode() for secret in (run["secret"], app.token, app.read_token) if secret]
+
+
+def mask_secrets(data, secrets):
+    """`data` (bytes or text) with each of `secrets` (bytes) replaced by as many `*`."""
+    text = isinstance(data, str)
+    if text:
+        data = data.encode("utf-8", "surrogateescape")
+    for secret in secrets:
+        data = data.replace(secret, b"*" * len(secret))
+    return data.decode("utf-8", "surrogateescape") if text else data
 
 
 def workflow_download(req, id):
@@ -2179,7 +2399,9 @@ SCHEMAS = {
                started_at=nullable(NUM), finished_at=nullable(NUM), exit_code=nullable(INT),
                error_message=nullable(STR), submitted=INT, completed=INT, failed=INT, cached=nullable(INT),
                resume=BOOL, nextflow_run_name=nullable(STR), session_id=nullable(STR), worker=nullable(STR),
-               command=array(STR)),
+               command=array(STR), console_tail=nullable(STR), tasks_truncated=BOOL,
+               late_report=nullable(obj(["reported_at", "exit_code", "cancelled", "console_tail"], reported_at=NUM,
+                                        exit_code=nullable(INT), cancelled=BOOL, console_tail=nullable(STR)))),
     "Workflow": obj(["id", "name", "nextflow_arguments", "nextflow_workflow", "submitted_processes",
                      "completed_processes", "is_scheduled", "status", "run"],
                     id=INT, name=STR, nextflow_arguments={"type": "object", "additionalProperties": ref("Argument")},
@@ -2191,8 +2413,9 @@ SCHEMAS = {
                 submit=nullable(INT), start=nullable(INT), complete=nullable(INT), duration=nullable(INT),
                 workdir=nullable(STR)),
     "Launch": obj(["run_id", "workflow_id", "argv", "cwd", "params", "params_file", "run_dir", "console_log",
-                   "lease_seconds"], run_id=INT, workflow_id=INT, argv=array(STR), cwd=STR, params={"type": "object"},
-                  params_file=STR, run_dir=STR, console_log=STR, lease_seconds=NUM),
+                   "lease_seconds", "claim_secret", "claim_confirm_seconds"], run_id=INT, workflow_id=INT,
+                  argv=array(STR), cwd=STR, params={"type": "object"}, params_file=STR, run_dir=STR, console_log=STR,
+                  lease_seconds=NUM, claim_secret=STR, claim_confirm_seconds=NUM),
 }
 
 QUERY = {
@@ -2202,6 +2425,7 @@ QUERY = {
 }
 PATH_ARGS = {"id": ID, "run_id": ID, "name": STR}
 WORKER = dict(STR, minLength=1, maxLength=200)
+CLAIM = obj(["run_id", "claim_secret"], run_id=INT, claim_secret=STR)
 TEXT, BINARY, NO_CONTENT = "text", "binary", "empty"
 
 DOCS = {
@@ -2222,21 +2446,22 @@ DOCS = {
     workflow_cancel: ([], None, obj(["workflow"], workflow=ref("Workflow"))),
     workflow_command: (["resume"], None, obj(["argv", "cwd", "params", "params_file"], argv=array(STR), cwd=STR,
                                               params={"type": "object"}, params_file=STR)),
-    workflow_finished: ([], obj(["run_id"], run_id=INT, exit_code=nullable(INT), error=nullable(STR),
-                                cancelled=BOOL, worker=STR), NO_CONTENT),
+    workflow_finished: ([], obj(["run_id", "claim_secret"], run_id=INT, claim_secret=STR, exit_code=nullable(INT),
+                                error=nullable(STR), cancelled=BOOL, worker=STR), NO_CONTENT),
     workflow_nextflow_log: (["run", "token"], {"type": "object"}, NO_CONTENT),
     workflow_runs: (["offset", "limit"], None, obj(["runs"], runs=array(ref("Run")))),
     workflow_run: ([], None, obj(["run"], run=ref("Run"))),
-    workflow_run_tasks: (["status", "offset", "limit"], None, obj(["tasks"], tasks=array(ref("Task")))),
+    workflow_run_tasks: (["status", "offset", "limit"], None, obj(["tasks", "next_offset"], tasks=array(ref("Task")),
+                                                                   next_offset=nullable(INT))),
     workflow_log: (["run", "offset", "file"], None, TEXT),
     workflow_download: (["path", "format"], None, BINARY),
     pipelines_list: ([], None, obj(["nextflow_workflows"], nextflow_workflows=array(STR))),
     pipeline_arguments: ([], None, obj(["arguments"], arguments={"type": "object", "additionalProperties": ref("Argument")})),
     worker_claim: ([], obj(["worker"], worker=WORKER, wait=dict(NUM, minimum=0, maximum=MAX_CLAIM_WAIT)),
                    obj(["run"], run=nullable(ref("Launch")))),
-    worker_heartbeat: ([], obj(["worker", "runs"], worker=STR, runs=dict(array(INT), maxItems=1000)),
+    worker_heartbeat: ([], obj(["runs"], runs=dict(array(CLAIM), maxItems=1000)),
                        obj(["cancel", "gone"], cancel=array(INT), gone=array(INT))),
-    worker_release: ([], obj(["worker", "run_id"], worker=STR, run_id=INT), EMPTY_OBJECT),
+    worker_release: ([], CLAIM, EMPTY_OBJECT),
     openapi_json: ([], None, {"type": "object"}),
 }
 
@@ -2738,6 +2963,7 @@ class App:
         self.work_ready = threading.Condition()
         self.work_generation = 0
         self.stopping = threading.Event()
+        self.weblog_runs = {}  # run id -> (its weblog_run row, when it was read): see known_weblog_run
         self.reconcile()
         threading.Thread(target=self.reap_forever, name="lease-reaper", daemon=True).start()
 
@@ -2761,18 +2987,32 @@ class App:
                 self.work_ready.wait(timeout)
 
     def reap_lost_runs(self):
-        """Runs whose worker stopped sending heartbeats are `lost`, with the reason recorded."""
+        """Runs whose worker stopped sending heartbeats are `lost`, with the reason recorded.
+        (A claim never confirmed started no nextflow: requeue_unconfirmed_claims puts it back.)"""
         now = time.time()
         with self.db.write() as conn:
             conn.execute("UPDATE runs SET status = 'lost', finished_at = ?, error_message = ? "
-                         "WHERE status = 'running' AND lease_until < ?",
+                         "WHERE status = 'running' AND lease_until < ? AND confirmed_at IS NOT NULL",
                          (now, "the worker stopped sending heartbeats", now))
 
+    def requeue_unconfirmed_claims(self):
+        """A claim its worker did not confirm within `claim_confirm_seconds` goes back to the queue.
+        The worker starts nextflow only after confirming, so nothing runs for it: the worker stopped
+        with its poll open, or the answer never reached it."""
+        now = time.time()
+        with self.db.write() as conn:
+            requeued = conn.execute("UPDATE runs SET %s WHERE status = 'running' AND confirmed_at IS NULL "
+                                    "AND started_at < ?" % REQUEUE,
+                                    (now - self.config["claim_confirm_seconds"],)).rowcount
+        if requeued:
+            self.announce_work()
+
     def reap_forever(self):
-        interval = min(5.0, self.config["lease_seconds"] / 4)
+        interval = min(5.0, self.config["lease_seconds"] / 4, self.config["claim_confirm_seconds"] / 4)
         while not self.stopping.wait(interval):
             try:
                 self.reap_lost_runs()
+                self.requeue_unconfirmed_claims()
             except sqlite3.Error:
                 traceback.print_exc()
 
@@ -2792,15 +3032,16 @@ class App:
             return Descriptor(os.open(path, FOLDER_FLAGS))
 
     def reconcile(self):
-        """Clean up after a killed server: temp files, and folders of workflows that were deleted."""
+        """Clean up after a killed server: temp files, and folders of workflows and runs that were deleted."""
         for name in os.listdir(self.tmp_dir):
             delete_tree(os.path.join(self.tmp_dir, name))
         with self.db.write() as conn:
-            known = {str(row[0]) for row in conn.execute("SELECT id FROM workflows")}
+            workflows = {str(row[0]) for row in conn.execute("SELECT id FROM workflows")}
+            runs = {str(row[0]) for row in conn.execute("SELECT id FROM runs")}
             # Workers keep running while the server is down: give them a full lease to report back.
             conn.execute("UPDATE runs SET lease_until = ? WHERE status = 'running'",
                          (time.time() + self.config["lease_seconds"],))
-        for sub in ("workflows", "launch"):
+        for sub, known in (("workflows", workflows), ("launch", workflows), ("runs", runs)):
             parent = os.path.join(self.data_dir, sub)
             for name in os.listdir(parent):
                 if name not in known:

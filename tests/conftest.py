@@ -342,10 +342,17 @@ def ready_workflow(api, name="wf", title="My demo run", reads=2):
     return wid
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "stand(**settings): configuration settings for the `stand` fixture's server")
+
+
 @pytest.fixture
-def stand(tmp_path):
-    """A server with a short lease and a factory for workers, all stopped at the end."""
-    srv = ServerProcess(tmp_path, config=write_config(tmp_path, lease_seconds=2)).start()
+def stand(tmp_path, request):
+    """A server with a short lease and a factory for workers, all stopped at the end.
+    `@pytest.mark.stand(setting=value)` adds configuration settings."""
+    marker = request.node.get_closest_marker("stand")
+    settings = dict(lease_seconds=2, **(marker.kwargs if marker else {}))
+    srv = ServerProcess(tmp_path, config=write_config(tmp_path, **settings)).start()
     workers = []
 
     def worker(**kw):

@@ -2,9 +2,10 @@
 """A stand-in for `nextflow run`, for nfapi's tests and `make demo`. It is NOT Nextflow.
 
 It imitates Nextflow 24.10 with nf-weblog 1.1.x as described in ../shared/reference/NEXTFLOW.md:
-the `run` options nfapi uses, the weblog envelopes (compact ASCII JSON, HashMap key order, utcTime at
-send time), one background sender posting in order over keep-alive without retries (`WARN:` once per
-distinct failure), waiting for its queue only after `completed`, the console lines, `.nextflow.log`
+the `run` options nfapi uses, `${name}` replaced in the params file's text before it is parsed, the
+weblog envelopes (compact ASCII JSON, HashMap key order, utcTime at send time), one background
+sender posting in order over keep-alive without retries (`WARN:` once per distinct failure),
+waiting for its queue only after `completed`, the console lines, `.nextflow.log`
 (rolled on each start), `.nextflow/history`, exit codes 0 and 1, and these sequences (section 1.9):
 A success, B task failure (terminate), C `errorStrategy 'finish'`, D error before any task (no
 `completed`; `error` may be lost), F `-resume` with every task cached (no task events, same runId),
@@ -19,7 +20,7 @@ Knobs, read from the environment (a test sets them on the worker, whose environm
     FAKE_NF_FAIL=PROC          the first task of process PROC exits 1 (sequence B)
     FAKE_NF_ERROR_STRATEGY=finish   with FAKE_NF_FAIL: sequence C instead of B
     FAKE_NF_SCRIPT_ERROR=msg   the script fails before any task (sequence D)
-    FAKE_NF_RECORD=dir         write dir/<run name>.json: argv, cwd, params file content, environment
+    FAKE_NF_RECORD=dir         write dir/<run name>.json: argv, cwd, params file content, params read, environment
 """
 
 import datetime
@@ -94,7 +95,7 @@ def parse_run_args(args):
     return positional[0], opts, cli_params
 
 
-def load_params(path, cli_params):
+def load_params(path, cli_params, script):
     params = {}
     if path:
         if not path.lower().endswith((".json", ".yml", ".yaml")):
@@ -103,11 +104,25 @@ def load_params(path, cli_params):
             fail("Specified params file does not exist: %s" % os.path.abspath(path))
         try:
             with open(path) as f:
-                params = json.load(f)
+                params = json.loads(replace_vars(f.read(), script))
         except ValueError as e:
             fail("Cannot parse params file: %s - Cause: %s" % (path, e))
     params.update(cli_params)
     return {camel_case(k): v for k, v in params.items()}
+
+
+def replace_vars(text, script):
+    """CmdRun.replaceVars0: `${name}` in the params file's text, before it is parsed, becomes a config
+    variable; an unknown name stays as it is, with a warning."""
+    project = os.path.dirname(os.path.abspath(script))
+    binding = {"baseDir": project, "projectDir": project, "launchDir": os.getcwd()}
+
+    def variable(m):
+        if m.group(1) in binding:
+            return binding[m.group(1)]
+        print("WARN: Missing params file variable: %s" % m.group(0), flush=True)
+        return m.group(0)
+    return re.sub(r"\$\{([A-Za-z_$][A-Za-z0-9_$]*)\}", variable, text)
 
 
 def camel_case(name):
@@ -528,7 +543,9 @@ class Run:
         return 1
 
 
-def record(run_name, argv, opts):
+def record(run_name, argv, opts, params):
+    """What this run was started with: its argv, the params file's text and the params it read from
+    both (after `${name}` replacement and `--param` overrides)."""
     folder = os.environ.get("FAKE_NF_RECORD")
     if not folder:
         return
@@ -537,7 +554,7 @@ def record(run_name, argv, opts):
         with open(opts["-params-file"]) as f:
             params_text = f.read()
     with open(os.path.join(folder, "%s.json" % run_name), "w") as f:
-        json.dump({"argv": argv, "cwd": os.getcwd(), "params_file": params_text, "pid": os.getpid(),
+        json.dump({"argv": argv, "cwd": os.getcwd(), "params_file": params_text, "params": params, "pid": os.getpid(),
                    "started_at": STARTED_AT, "environ": dict(os.environ)}, f)
 
 
@@ -550,8 +567,11 @@ def main(argv):
         return 1
     try:
         script, opts, cli_params = parse_run_args(argv[1:])
-        record(opts.get("-name", "unnamed"), argv, opts)
-        params = load_params(opts.get("-params-file"), cli_params)
+        params = None
+        try:
+            params = load_params(opts.get("-params-file"), cli_params, script)
+        finally:
+            record(opts.get("-name", "unnamed"), argv, opts, params)
         if not os.path.isfile(script):
             fail("Cannot find script file: %s" % script)
         return Run(script, opts, params, argv).main()
