@@ -182,6 +182,12 @@ def test_bounded_sessions_and_bodies(fast_ping):
     assert resp.status == 400 and sock.get().status == 400
 
 
+def test_at_most_1000_sessions(server):
+    api = server.client()
+    statuses = [api.get(PATH).status for _ in range(1001)]
+    assert statuses.count(200) == 1000 and statuses[-1] == 503, statuses[-3:]
+
+
 def test_python_socketio_client_in_polling_mode(stand):
     socketio = pytest.importorskip("socketio")
     requests = pytest.importorskip("requests")
