@@ -25,7 +25,9 @@ Limits (configurable): JSON bodies up to `max_json_bytes` (1 MiB), uploads up to
 (no limit by default), multipart part headers up to 16 KiB; a request head must arrive within
 `header_timeout` seconds and a body may stall `client_timeout` seconds; at most `max_connections`
 connections are served at once (503 past that). Every route and answer is described by
-GET /api/openapi.json. Runs on Python 3.8+ and SQLite 3.24+.
+GET /api/openapi.json. `GET /api/workflows/<id>?wait=<seconds>` answers when the latest run ends;
+nf-cloud's web UI follows runs live over Socket.IO (HTTP long-polling only) at /socket.io/.
+Runs on Python 3.8+ and SQLite 3.24+.
 """
 
 import argparse
@@ -73,6 +75,7 @@ DEFAULTS = {
     "claim_confirm_seconds": 10,
     "weblog_grace_seconds": 60,
     "max_tasks_per_run": 1000 * 1000,
+    "ping_interval": 25,
 }
 MAX_NAME_LENGTH = 512
 MAX_PART_HEADER_BYTES = 16 * 1024
@@ -96,6 +99,7 @@ TASKS_PAGE, MAX_TASKS_PAGE = 1000, 10000
 WEBLOG_CACHE_RUNS, WEBLOG_CACHE_SECONDS = 10000, 1.0  # see known_weblog_run
 # The only session id nfapi ever puts after -resume: the canonical form of a Java UUID.
 SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+MAX_ANSWER_WAIT = 60  # `?wait=` on a run or a workflow
 NEXTFLOW_UNKNOWN_EXIT = 2147483647  # Integer.MAX_VALUE: a task's exit code before it is known
 # Nextflow's task states by progress: a late or repeated weblog post never moves a task back.
 TASK_STATUS_RANK = {"NEW": 0, "SUBMITTED": 1, "RUNNING": 2, "COMPLETED": 3, "FAILED": 3, "ABORTED": 3}
@@ -637,6 +641,62 @@ def sql_statements(script):
         if sqlite3.complete_statement(statement):
             yield statement
             statement = ""
+
+
+# ==== Notifications ====
+
+QUEUED_RUNS = "queued runs"  # the key of the run queue; a workflow's key is its id
+
+
+class Changes:
+    """The one place where the server says that something changed, and where threads wait for it
+    (claims, `?wait=`, Socket.IO polls) instead of polling the database.
+
+    Every change bumps one generation counter and records it for its keys. A waiter notes the
+    generation before it reads the database, then sleeps on one condition until one of its keys
+    changed after that: a change between its read and its sleep is not missed. So notify() must
+    come after the change is committed. It wakes threads only when one waits on one of its keys:
+    on the weblog's hot path it costs a lock and a few dictionary operations.
+    """
+
+    def __init__(self):
+        self.condition = threading.Condition(threading.Lock())
+        self.generation = 0
+        self.changed_at = {}  # key -> generation of its last change
+        self.waiting = collections.Counter()  # key -> threads waiting for it
+
+    def notify(self, *keys):
+        with self.condition:
+            self.generation += 1
+            for key in keys:
+                self.changed_at[key] = self.generation
+            if any(self.waiting[key] for key in keys):
+                self.condition.notify_all()
+
+    def changed_since(self, key, generation):
+        return self.changed_at.get(key, 0) > generation
+
+    def wait(self, keys, generation, timeout):
+        """Return once one of `keys` changed after `generation`, or after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self.condition:
+            self.waiting.update(keys)
+            try:
+                while not any(self.changed_since(key, generation) for key in keys):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    self.condition.wait(remaining)
+            finally:
+                self.waiting.subtract(keys)
+                for key in keys:
+                    if not self.waiting[key]:
+                        del self.waiting[key]
+
+    def forget(self, key):
+        """Drop a key that will never change again (a closed Socket.IO session)."""
+        with self.condition:
+            self.changed_at.pop(key, None)
 
 
 # ==== Filesystem ====
@@ -1280,13 +1340,34 @@ def workflow_create(req):
                                    (name, time.time())).lastrowid
     make_private_dir(req.app.workflow_dir(workflow_id))
     with req.db() as conn:
-        return 200, {"workflow": load_workflow(conn, workflow_id)}
+        workflow = load_workflow(conn, workflow_id)
+    # The document's shape, and the fields at the top level as well: nf-cloud's web UI reads `id` there.
+    return 200, dict(workflow, workflow=workflow)
 
 
 def workflow_get(req, id):
-    """One workflow with its latest run."""
-    with req.db() as conn:
-        return 200, {"workflow": load_workflow(conn, id)}
+    """One workflow with its latest run; `?wait=<seconds>`: once that run has ended."""
+    return 200, {"workflow": answer_when_ended(req, id, lambda conn: load_workflow(conn, id))}
+
+
+def answer_when_ended(req, workflow_id, read):
+    """`read(conn)`, a workflow or a run: at once, or with `?wait=<seconds>` as soon as its run is in
+    a final state (or there is no run), else when the wait is over, as it is then.
+
+    It sleeps on the workflow's notifications (see Changes), so a waiting client costs no CPU.
+    """
+    wait = req.query_int("wait", 0)
+    if wait > MAX_ANSWER_WAIT:
+        raise ApiError(422, "wait", "must be a whole number of seconds from 0 to %d" % MAX_ANSWER_WAIT)
+    deadline = time.monotonic() + wait
+    while True:
+        generation = req.app.changes.generation
+        with req.db() as conn:
+            answer = read(conn)
+        remaining = deadline - time.monotonic()
+        if answer["status"] not in ACTIVE_RUN_STATES or remaining <= 0:
+            return answer
+        req.app.changes.wait([workflow_id], generation, remaining)
 
 
 def workflow_update(req, id):
@@ -1310,6 +1391,7 @@ def workflow_update(req, id):
         merged = merge_arguments(pipelines[name]["dynamic"], stored, given)
         conn.execute("UPDATE workflows SET nextflow_workflow = ?, nextflow_arguments = ? WHERE id = ?",
                      (name, json.dumps(merged), id))
+    req.app.changes.notify(id)
     return 200, {}
 
 
@@ -1321,6 +1403,7 @@ def workflow_delete(req, id):
         runs = [row["id"] for row in conn.execute("SELECT id FROM runs WHERE workflow_id = ?", (id,))]
         conn.execute("DELETE FROM workflows WHERE id = ?", (id,))
     # Run folders go too: their logs hold the weblog URL with the run's secret.
+    req.app.changes.notify(id)
     for folder in [req.app.workflow_dir(id), req.app.launch_dir(id)] + [req.app.run_dir(run) for run in runs]:
         if os.path.exists(folder):
             remove_tree_atomically(folder, req.app.tmp_dir)
@@ -1494,7 +1577,7 @@ def workflow_schedule(req, id):
                      "secret, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
                      (id, name, json.dumps(arguments), json.dumps(params), int(resume), session,
                       secrets.token_urlsafe(24), time.time()))
-    req.app.announce_work()
+    req.app.changes.notify(id, QUEUED_RUNS)
     return 200, {"is_scheduled": True}
 
 
@@ -1606,7 +1689,9 @@ def workflow_cancel(req, id):
                          "WHERE id = ? AND status = 'queued'", (now, "cancelled before it started", run["id"]))
         else:
             conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ? AND status = 'running'", (run["id"],))
-        return 200, {"workflow": load_workflow(conn, id)}
+        workflow = load_workflow(conn, id)
+    req.app.changes.notify(id)
+    return 200, {"workflow": workflow}
 
 
 def workflow_finished(req, id):
@@ -1643,7 +1728,8 @@ def workflow_finished(req, id):
                          "console_tail = ?, lease_until = NULL WHERE id = ? AND status = 'running'",
                          (status, now, exit_code, error, tail, run_id))
     if run["status"] == "lost":
-        req.app.announce_work()  # the workflow's next run no longer waits for this one (claim_next_run)
+        req.app.changes.notify(QUEUED_RUNS)  # the workflow's next run no longer waits for this one (claim_next_run)
+    req.app.changes.notify(id)
     return 200, None
 
 
@@ -1704,6 +1790,7 @@ def workflow_nextflow_log(req, id):
     refusal = req.app.db.write_together(record)
     if refusal:
         raise refusal
+    req.app.changes.notify(id)
     return 200, None
 
 
@@ -1839,14 +1926,16 @@ def worker_claim(req):
     host = weblog_host(req)
     deadline = time.monotonic() + wait
     while True:
-        generation = req.app.work_generation
+        generation = req.app.changes.generation
         launch, held_until = claim_next_run(req.app, worker, host)
         remaining = deadline - time.monotonic()
+        if launch:
+            req.app.changes.notify(launch["workflow_id"])
         if launch or remaining <= 0:
             return 200, {"run": launch}
         if held_until is not None:
             remaining = min(remaining, max(0.01, held_until - time.time()))
-        req.app.wait_for_work(generation, remaining)
+        req.app.changes.wait([QUEUED_RUNS], generation, remaining)
         if client_left(req.connection):
             raise ClientGone()
 
@@ -1950,7 +2039,7 @@ def worker_release(req):
                                 (body["run_id"],)).rowcount
     if not released:
         raise ApiError(409, "run_id", "that run is not running")
-    req.app.announce_work()
+    req.app.changes.notify(QUEUED_RUNS)
     return 200, {}
 
 
@@ -2004,9 +2093,8 @@ def workflow_runs(req, id):
 
 
 def workflow_run(req, id, run_id):
-    """One run of the workflow."""
-    with req.db() as conn:
-        return 200, {"run": run_json(run_row(conn, id, run_id), run_id)}
+    """One run of the workflow; `?wait=<seconds>`: once it has ended."""
+    return 200, {"run": answer_when_ended(req, id, lambda conn: run_json(run_row(conn, id, run_id), run_id))}
 
 
 def workflow_run_tasks(req, id, run_id):
@@ -2294,6 +2382,301 @@ def pipeline_arguments(req, name):
     return 200, {"arguments": pipeline["dynamic"]}
 
 
+# ==== Socket.IO (polling) ====
+# nf-cloud's web UI follows its runs over Socket.IO 5 on Engine.IO 4 (the protocol documents are
+# docs/engine.io-protocol/v4-current.md and docs/socket.io-protocol/v5-current.md in socket.io's
+# repository). Only the HTTP long-polling transport is served and no upgrade is offered: a GET waits
+# for the session's packets, a POST delivers the client's; packets are joined by the record
+# separator. The UI joins the room `workflow<id>` and hears `new-progress` when the latest run's
+# counters change and `finished-workflow` when it ends, as nf-cloud's own backend told it; both
+# are worked out from the database when the workflow's notification (see Changes) wakes the GET.
+
+ENGINEIO_SEPARATOR = "\x1e"
+MAX_SOCKET_SESSIONS = 1000
+MAX_SOCKET_PACKETS = 100  # waiting for a session's next GET; more end the session
+MAX_SOCKET_ROOMS = 100
+MAX_SOCKET_PAYLOAD = 64 * 1024  # a POST's body; announced as maxPayload
+SOCKETIO_ROOM = re.compile(r"workflow([0-9]{1,18})\Z")
+SOCKETIO_EVENT = re.compile(r"([0-9]{0,18})(\[.*)\Z", re.DOTALL)  # [ack id] then the JSON array
+ENGINEIO_TEXT = {"Content-Type": "text/plain; charset=UTF-8"}
+# engine.io's own server answers refused requests with 400 and one of these codes.
+ENGINEIO_ERRORS = {0: "Transport unknown", 1: "Session ID unknown", 2: "Bad handshake method", 3: "Bad request",
+                   5: "Unsupported protocol version"}
+
+
+class EngineIOError(Exception):
+    """A request refused the way Engine.IO clients know: 400 with `{"code", "message"}`."""
+
+    def __init__(self, code, field, advice):
+        super().__init__(advice)
+        self.code, self.field = code, field
+
+    def answer(self):
+        return 400, {"code": self.code, "message": ENGINEIO_ERRORS[self.code], "errors": {self.field: [str(self)]}}
+
+
+class SocketSession:
+    """One Engine.IO session: the packets for its next GET and the rooms it follows."""
+
+    def __init__(self, sid, now, generation):
+        self.sid = sid
+        self.key = ("socket.io", sid)  # its key in Changes: a POST wakes the waiting GET
+        self.outbox = []  # encoded packets for the next GET
+        self.rooms = {}  # workflow id -> the room state last told (see room_state)
+        self.checked = generation  # the rooms' changes up to this generation are told
+        self.connected = False  # to the main namespace "/"
+        self.answered_at = now  # the handshake or the last pong
+        self.pinged = False
+        self.polling = False  # a GET is waiting
+        self.farewell = None  # once closed: the packet that ends a waiting GET
+
+
+class SocketIO:
+    """The server's Engine.IO sessions.
+
+    The heartbeat: pingInterval after the handshake or the last pong, the next GET gets a ping
+    (`2`); a session whose client has not answered (`3`) pingTimeout later is closed, so a client
+    that went away holds nothing for long.
+    """
+
+    def __init__(self, app):
+        self.app = app
+        self.lock = threading.Lock()  # the sessions and everything in them
+        self.sessions = {}
+        self.ping_interval = app.config["ping_interval"]
+        self.ping_timeout = self.ping_interval  # as long again to answer a ping as between pings
+
+    def open(self):
+        """A new session; its handshake is the `open` packet."""
+        now = time.monotonic()
+        with self.lock:
+            for session in [s for s in self.sessions.values() if self.expired(s, now)]:
+                self.close(session, "1")
+            if len(self.sessions) >= MAX_SOCKET_SESSIONS:
+                raise ApiError(503, "sid", "too many Socket.IO sessions; try again later", {"Retry-After": "5"})
+            session = SocketSession(secrets.token_urlsafe(15), now, self.app.changes.generation)
+            self.sessions[session.sid] = session
+        return "0" + json.dumps({"sid": session.sid, "upgrades": [], "pingInterval": self.ping_interval * 1000,
+                                 "pingTimeout": self.ping_timeout * 1000, "maxPayload": MAX_SOCKET_PAYLOAD})
+
+    def expired(self, session, now):
+        return now > session.answered_at + self.ping_interval + self.ping_timeout
+
+    def find(self, sid):
+        """The open session `sid` (the caller holds the lock)."""
+        session = self.sessions.get(sid)
+        if session is not None and self.expired(session, time.monotonic()):
+            self.close(session, "1")
+            session = None
+        if session is None:
+            raise EngineIOError(1, "sid", "no such Socket.IO session (it was closed or expired): open a new one")
+        return session
+
+    def close(self, session, farewell):
+        """End a session (the caller holds the lock); a waiting GET answers `farewell`."""
+        if session.farewell is not None:
+            return
+        session.farewell = farewell
+        del self.sessions[session.sid]
+        self.app.changes.notify(session.key)
+        if not session.polling:
+            self.app.changes.forget(session.key)
+
+    def poll(self, sid):
+        """The packets for one GET: at once when some are waiting, else once a room changes, a
+        POST queues some, a ping is due or the session ends."""
+        with self.lock:
+            session = self.find(sid)
+            if session.polling:
+                # Two GETs at once would take packets out of order (the protocol forbids it).
+                self.close(session, "1")
+                raise EngineIOError(3, "sid", "a GET was already waiting for this session: the session is closed")
+            session.polling = True
+        try:
+            return self.wait_for_packets(session)
+        finally:
+            with self.lock:
+                session.polling = False
+                if session.farewell is not None:
+                    self.app.changes.forget(session.key)
+
+    def wait_for_packets(self, session):
+        while True:
+            generation = self.app.changes.generation
+            told = self.tell_rooms(session, generation)
+            with self.lock:
+                session.outbox += told
+                now = time.monotonic()
+                if session.farewell is None and self.expired(session, now):
+                    self.close(session, "1")
+                if session.farewell is not None:
+                    return [session.farewell]
+                ping_at = session.answered_at + self.ping_interval
+                if not session.pinged and now >= ping_at:
+                    session.outbox.append("2")
+                    session.pinged = True
+                if session.outbox:
+                    packets, session.outbox = session.outbox, []
+                    return packets
+                wake_at = ping_at + self.ping_timeout if session.pinged else ping_at
+                keys = [session.key] + list(session.rooms)
+            self.app.changes.wait(keys, generation, wake_at - now)
+
+    def tell_rooms(self, session, generation):
+        """Event packets for the rooms that changed since the session last looked. The database is
+        read outside the lock; `generation` was taken before it, so no change falls between."""
+        with self.lock:
+            changed = [w for w in session.rooms if self.app.changes.changed_since(w, session.checked)]
+            session.checked = generation
+        states = {workflow_id: room_state(self.app, workflow_id) for workflow_id in changed}
+        packets = []
+        with self.lock:
+            for workflow_id, state in states.items():
+                if workflow_id in session.rooms:
+                    packets += [socketio_event(e) for e in room_events(session.rooms[workflow_id], state)]
+                    session.rooms[workflow_id] = state
+        return packets
+
+    def receive(self, sid, body):
+        """A POST's packets, in order. A packet that breaks the protocol closes the session."""
+        with self.lock:
+            session = self.find(sid)
+            try:
+                try:
+                    payload = body.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise EngineIOError(3, "body", "Engine.IO packets are UTF-8 text")
+                for packet in payload.split(ENGINEIO_SEPARATOR):
+                    if session.farewell is None:
+                        self.receive_packet(session, packet)
+                if len(session.outbox) > MAX_SOCKET_PACKETS:
+                    raise EngineIOError(3, "body", "over %d packets wait for this session's GET" % MAX_SOCKET_PACKETS)
+            except EngineIOError:
+                self.close(session, "1")
+                raise
+            if session.farewell is None:
+                # The waiting GET takes the new packets, and waits on the rooms as they are now.
+                self.app.changes.notify(session.key)
+
+    def receive_packet(self, session, packet):
+        kind, data = packet[:1], packet[1:]
+        if kind == "3":  # pong
+            session.answered_at, session.pinged = time.monotonic(), False
+        elif kind == "4":  # message: a Socket.IO packet
+            self.receive_socketio(session, data)
+        elif kind == "1":  # close
+            self.close(session, "6")
+        elif kind != "6":  # noop
+            raise EngineIOError(3, "body", "not an Engine.IO packet this server takes (no upgrades, no binary): %r"
+                                % packet[:40])
+
+    def receive_socketio(self, session, packet):
+        kind, data = packet[:1], packet[1:]
+        namespace = "/"
+        if data.startswith("/"):
+            namespace, _, data = data.partition(",")
+        if kind == "0" and namespace == "/":  # CONNECT
+            session.connected = True
+            session.outbox.append("40" + json.dumps({"sid": secrets.token_urlsafe(15)}))
+        elif kind == "0":
+            session.outbox.append("44%s,%s" % (namespace, json.dumps({"message": "Invalid namespace"})))
+        elif kind == "1":  # DISCONNECT
+            if namespace == "/":
+                session.connected = False
+                session.rooms.clear()
+        elif kind == "2" and namespace == "/" and session.connected:  # EVENT
+            self.receive_event(session, data)
+        elif kind != "3":  # an ACK is not expected (we ask for none), and it is harmless
+            raise EngineIOError(3, "body", "a Socket.IO packet that is not CONNECT, DISCONNECT or EVENT "
+                                           "after CONNECT: %r" % packet[:40])
+
+    def receive_event(self, session, data):
+        """`join` and `leave` a room `workflow<id>`; other events are ignored, as a server without a
+        handler for them would. An ack id is answered with an empty ACK."""
+        event = SOCKETIO_EVENT.match(data)
+        try:
+            args = JSON_DECODER.decode(event.group(2)) if event else None
+        except ValueError:
+            args = None
+        if not isinstance(args, list) or not args or not isinstance(args[0], str):
+            raise EngineIOError(3, "body", "an EVENT needs a JSON array that starts with the event's name")
+        room = args[1].get("room") if len(args) > 1 and isinstance(args[1], dict) else None
+        match = SOCKETIO_ROOM.match(room) if isinstance(room, str) else None
+        workflow_id = int(match.group(1)) if match else None
+        if args[0] == "join" and match and workflow_id not in session.rooms:
+            if len(session.rooms) >= MAX_SOCKET_ROOMS:
+                raise EngineIOError(3, "body", "a session follows at most %d rooms" % MAX_SOCKET_ROOMS)
+            session.rooms[workflow_id] = room_state(self.app, workflow_id)
+        elif args[0] == "leave":
+            session.rooms.pop(workflow_id, None)
+        if event.group(1):
+            session.outbox.append("43%s[]" % event.group(1))
+
+
+def room_state(app, workflow_id):
+    """What a room is told about: its latest run's (id, status, submitted, completed)."""
+    with app.db.connection() as conn:
+        row = conn.execute("SELECT id, status, submitted, completed FROM runs WHERE workflow_id = ? "
+                           "ORDER BY id DESC LIMIT 1", (workflow_id,)).fetchone()
+    return tuple(row) if row else (None, None, 0, 0)
+
+
+def room_events(told, now):
+    """The events for a room whose state went from `told` to `now`: `new-progress` when the run or
+    its counters changed (a new run starts at 0 of 0), `finished-workflow` when a run ended."""
+    events = []
+    if now[0] != told[0] or now[2:] != told[2:]:
+        events.append(["new-progress", {"submitted_processes": now[2], "completed_processes": now[3]}])
+    if now[1] in FINAL_RUN_STATES and (now[0] != told[0] or told[1] not in FINAL_RUN_STATES):
+        events.append(["finished-workflow", {}])
+    return events
+
+
+def socketio_event(args):
+    return "42" + json.dumps(args, separators=(",", ":"))
+
+
+def engineio_session(req):
+    """The `sid` of an Engine.IO request, None for a handshake; the protocol and transport are checked."""
+    query = req.query()
+    if query.get("EIO") != "4":
+        raise EngineIOError(5, "EIO", "this server speaks Engine.IO 4 (Socket.IO 3 and later): EIO=4")
+    if query.get("transport") != "polling":
+        raise EngineIOError(0, "transport", "only transport=polling is served (no WebSocket)")
+    return query.get("sid")
+
+
+def engineio_answers(handler):
+    """Turn EngineIOError into its answer."""
+    @functools.wraps(handler)
+    def answer(req):
+        try:
+            return handler(req)
+        except EngineIOError as e:
+            return e.answer()
+    return answer
+
+
+@engineio_answers
+def socketio_poll(req):
+    """Engine.IO long-polling GET: without `sid` the handshake, else the session's next packets."""
+    sid = engineio_session(req)
+    packets = [req.app.sockets.open()] if sid is None else req.app.sockets.poll(sid)
+    return 200, Body.of(ENGINEIO_TEXT, ENGINEIO_SEPARATOR.join(packets).encode())
+
+
+@engineio_answers
+def socketio_send(req):
+    """Engine.IO long-polling POST: the client's packets, joined by the record separator."""
+    sid = engineio_session(req)
+    if sid is None:
+        raise EngineIOError(2, "sid", "a session starts with a GET (the handshake)")
+    if req.body_left > MAX_SOCKET_PAYLOAD:
+        raise ApiError(413, "body", "Engine.IO payloads are limited to %d bytes" % MAX_SOCKET_PAYLOAD)
+    req.app.sockets.receive(sid, b"".join(req.body_chunks()))
+    return 200, Body.of(ENGINEIO_TEXT, b"ok")
+
+
 # ==== Routes ====
 # <int:id> matches ASCII digits only (int() would accept '١٢'); <name> is one percent-decoded segment.
 
@@ -2324,13 +2707,15 @@ ROUTES = [
     ("POST", "/api/worker/heartbeat", worker_heartbeat),
     ("POST", "/api/worker/release", worker_release),
     ("GET", "/api/openapi.json", openapi_json),
+    ("GET", "/socket.io/", socketio_poll),
+    ("POST", "/socket.io/", socketio_send),
 ]
 
 
 def compile_route(pattern):
     def group(m):
         return "(?P<%s>%s)" % (m.group(2), "[0-9]{1,18}" if m.group(1) else "[^/]+")
-    return re.compile(re.sub(r"<(int:)?(\w+)>", group, pattern) + r"\Z")
+    return re.compile(re.sub(r"<(int:)?(\w+)>", group, re.escape(pattern)) + r"\Z")
 
 
 COMPILED_ROUTES = [(method, compile_route(pattern), handler) for method, pattern, handler in ROUTES]
@@ -2422,18 +2807,21 @@ QUERY = {
     "offset": ID, "limit": ID, "dir": STR, "path": STR, "run": ID,
     "token": STR, "status": {"enum": list(TASK_STATUS_RANK)}, "file": {"enum": ["console", "nextflow"]},
     "format": {"enum": ["zip", "tar.gz"]}, "resume": {"enum": ["true", "false"]},
+    "wait": {"type": "integer", "minimum": 0, "maximum": MAX_ANSWER_WAIT},
+    "EIO": {"enum": ["4"]}, "transport": {"enum": ["polling"]}, "sid": STR, "t": STR,
 }
 PATH_ARGS = {"id": ID, "run_id": ID, "name": STR}
 WORKER = dict(STR, minLength=1, maxLength=200)
 CLAIM = obj(["run_id", "claim_secret"], run_id=INT, claim_secret=STR)
-TEXT, BINARY, NO_CONTENT = "text", "binary", "empty"
+TEXT, BINARY, NO_CONTENT, PACKETS = "text", "binary", "empty", "engine.io packets"
+ENGINEIO_QUERY = ["EIO", "transport", "sid", "t"]
 
 DOCS = {
     workflows_list: (["offset", "limit"], None, obj(["workflows"], workflows=array(ref("Workflow")))),
     workflows_count: ([], None, obj(["count"], count=INT)),
     workflow_create: ([], obj(["name"], name=dict(STR, minLength=1, maxLength=MAX_NAME_LENGTH)),
-                      obj(["workflow"], workflow=ref("Workflow"))),
-    workflow_get: ([], None, obj(["workflow"], workflow=ref("Workflow"))),
+                      {"allOf": [obj(["workflow"], workflow=ref("Workflow")), ref("Workflow")]}),
+    workflow_get: (["wait"], None, obj(["workflow"], workflow=ref("Workflow"))),
     workflow_update: ([], obj(nextflow_workflow=STR, nextflow_arguments={"type": "object"}), EMPTY_OBJECT),
     workflow_delete: ([], None, EMPTY_OBJECT),
     workflow_files: (["dir"], None, obj(["folders", "files"], folders=array(STR), files=array(STR))),
@@ -2450,7 +2838,7 @@ DOCS = {
                                 error=nullable(STR), cancelled=BOOL, worker=STR), NO_CONTENT),
     workflow_nextflow_log: (["run", "token"], {"type": "object"}, NO_CONTENT),
     workflow_runs: (["offset", "limit"], None, obj(["runs"], runs=array(ref("Run")))),
-    workflow_run: ([], None, obj(["run"], run=ref("Run"))),
+    workflow_run: (["wait"], None, obj(["run"], run=ref("Run"))),
     workflow_run_tasks: (["status", "offset", "limit"], None, obj(["tasks", "next_offset"], tasks=array(ref("Task")),
                                                                    next_offset=nullable(INT))),
     workflow_log: (["run", "offset", "file"], None, TEXT),
@@ -2463,6 +2851,8 @@ DOCS = {
                        obj(["cancel", "gone"], cancel=array(INT), gone=array(INT))),
     worker_release: ([], CLAIM, EMPTY_OBJECT),
     openapi_json: ([], None, {"type": "object"}),
+    socketio_poll: (ENGINEIO_QUERY, None, PACKETS),
+    socketio_send: (ENGINEIO_QUERY, TEXT, PACKETS),
 }
 
 
@@ -2493,6 +2883,8 @@ def openapi_operation(handler, path_args):
     if request == "multipart":
         operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": obj(
             ["file"], file={"type": "string", "contentMediaType": "application/octet-stream"}, directory=STR)}}}
+    elif request == TEXT:
+        operation["requestBody"] = {"required": True, "content": {"text/plain": {"schema": STR}}}
     elif request is not None:
         operation["requestBody"] = {"required": bool(request.get("required")),
                                     "content": {"application/json": {"schema": request}}}
@@ -2500,6 +2892,9 @@ def openapi_operation(handler, path_args):
         operation["responses"]["200"] = {"description": "done (empty body)"}
     elif answer == TEXT:
         operation["responses"]["200"] = {"description": "text from `offset`", "content": {"text/plain": {"schema": STR}}}
+    elif answer == PACKETS:
+        operation["responses"]["200"] = {"description": "Engine.IO packets joined by the record separator (\\x1e), "
+                                                        "or `ok` for a POST", "content": {"text/plain": {"schema": STR}}}
     elif answer == BINARY:
         binary = {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}
         operation["responses"].update({"200": {"description": "the file, or the folder as an archive", "content": {
@@ -2946,7 +3341,8 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 class App:
-    """Everything the handlers share: configuration, token, database and folders."""
+    """Everything the handlers share: configuration, token, database, folders, notifications and
+    Socket.IO sessions."""
 
     def __init__(self, config, data_dir, quiet=False):
         self.config = config
@@ -2960,8 +3356,8 @@ class App:
         self.token, self.token_source = load_token(self.data_dir)
         self.read_token = load_read_token(self.data_dir)
         self.db = Database(os.path.join(self.data_dir, "nfapi.sqlite3"))
-        self.work_ready = threading.Condition()
-        self.work_generation = 0
+        self.changes = Changes()
+        self.sockets = SocketIO(self)
         self.stopping = threading.Event()
         self.weblog_runs = {}  # run id -> (its weblog_run row, when it was read): see known_weblog_run
         self.reconcile()
@@ -2976,24 +3372,19 @@ class App:
     def run_dir(self, run_id):
         return os.path.join(self.data_dir, "runs", str(run_id))
 
-    def announce_work(self):
-        with self.work_ready:
-            self.work_generation += 1
-            self.work_ready.notify_all()
-
-    def wait_for_work(self, generation, timeout):
-        with self.work_ready:
-            if self.work_generation == generation:
-                self.work_ready.wait(timeout)
-
     def reap_lost_runs(self):
         """Runs whose worker stopped sending heartbeats are `lost`, with the reason recorded.
         (A claim never confirmed started no nextflow: requeue_unconfirmed_claims puts it back.)"""
         now = time.time()
         with self.db.write() as conn:
+            lost = [row[0] for row in conn.execute(
+                "SELECT workflow_id FROM runs WHERE status = 'running' AND lease_until < ? AND confirmed_at IS NOT NULL",
+                (now,))]
             conn.execute("UPDATE runs SET status = 'lost', finished_at = ?, error_message = ? "
                          "WHERE status = 'running' AND lease_until < ? AND confirmed_at IS NOT NULL",
                          (now, "the worker stopped sending heartbeats", now))
+        if lost:
+            self.changes.notify(*lost)
 
     def requeue_unconfirmed_claims(self):
         """A claim its worker did not confirm within `claim_confirm_seconds` goes back to the queue.
@@ -3005,7 +3396,7 @@ class App:
                                     "AND started_at < ?" % REQUEUE,
                                     (now - self.config["claim_confirm_seconds"],)).rowcount
         if requeued:
-            self.announce_work()
+            self.changes.notify(QUEUED_RUNS)
 
     def reap_forever(self):
         interval = min(5.0, self.config["lease_seconds"] / 4, self.config["claim_confirm_seconds"] / 4)
