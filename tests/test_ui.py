@@ -197,8 +197,15 @@ def page(browser, request):
         p.check_and_close()
 
 
-def progress(locator):
-    return int(locator.get_attribute("aria-valuenow"))
+NAMELESS_CONTROLS = """[...document.querySelectorAll("button, input, select, textarea, a[href], [tabindex]:not([tabindex='-1'])")]
+    .filter(el => !(el.getAttribute("aria-label") || el.getAttribute("aria-labelledby") || (el.labels && el.labels.length)
+                    || (el.tagName === "BUTTON" || el.tagName === "A") && el.textContent.trim()))
+    .map(el => el.outerHTML)"""
+
+
+def nameless_controls(tab):
+    """Controls a screen reader could not name (every one needs a label, aria-label or text)."""
+    return tab.evaluate(NAMELESS_CONTROLS)
 
 
 def test_sign_in_create_upload_and_new_folder(server, api, page):
@@ -314,6 +321,7 @@ def test_launch_form_for_every_argument_type(form_server, page):
     assert values == {"samplesheet": "sheet.csv", "reads": "reads/*.fastq", "outdir": "results", "min_quality": 30,
                       "trim": False, "aligner": "minimap2", "label": "my run", "cache_dir": "cache",
                       "extras": ["notes.txt", "reads/r2.fastq"], "notes": "line one\nline two"}
+    assert nameless_controls(tab) == []
     tab.get_by_text("Command", exact=True).click()
     command = tab.get_by_label("Command", exact=True)
     expect(command).to_contain_text("-params-file")
@@ -342,6 +350,7 @@ def test_a_run_is_watched_live_to_its_end_and_its_files_download(stand, page):
     expect(tab.get_by_role("log", name="Console log")).to_contain_text("Submitted process > SUMMARY")
     expect(run.locator("tbody tr")).to_have_count(4)
     assert tab.evaluate("window.stillTheSamePage") is True  # no reload
+    assert nameless_controls(tab) == []
     expect(tab.get_by_role("button", name="Resume")).to_be_enabled()
     expect(tab.get_by_role("button", name="Cancel run")).to_be_disabled()
 
