@@ -41,3 +41,8 @@ bench:
 # A longer fuzzing soak (not part of `make test`): ten times the examples, a seed of your choice.
 soak:
 	NFAPI_FUZZ_EXAMPLES=600 NFAPI_FUZZ_SEED=$${SEED:-$$(date +%s)} $(PYTHON) -m pytest -q -s tests/test_hardening.py -k "schemathesis or raw_socket"
+
+# PNGs of the web page's main views into docs/ (needs Playwright and Debian's chromium, as the browser tests do).
+.PHONY: screenshots
+screenshots:
+	$(PYTHON) tests/screenshots.py docs

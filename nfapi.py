@@ -11,7 +11,8 @@ arguments and schedule a *run*. A worker (nfapi_worker.py) claims queued runs ov
 
 Every request needs `Authorization: Bearer <token>`. The token comes from $NFAPI_TOKEN, else from
 `<data>/api-token` (created on first start, mode 0600). Nextflow's weblog posts carry a per-run
-secret instead, which works for that run only.
+secret instead, which works for that run only. Two routes need neither: the web page at `/`
+(nfapi_ui.html beside this file; it holds no data) and short-lived download links.
 
 Data layout under --data (created 0700, files 0600):
     nfapi.sqlite3        workflows, runs and tasks (SQLite in WAL mode)
@@ -39,6 +40,7 @@ import email.utils
 import errno
 import fnmatch
 import functools
+import hashlib
 import hmac
 import http.server
 import json
@@ -87,6 +89,7 @@ MAX_ARCHIVE_DEPTH = 200  # folders deeper than this are left out of archives (on
 READ_CHUNK = 256 * 1024
 LINGER_SECONDS = 2.0
 LOG_CHUNK_BYTES = 1024 * 1024
+ARCHIVE_FORMATS = ("zip", "tar.gz")
 ARG_TYPES = ("path", "paths", "file-glob", "number", "text", "boolean", "select")
 ACTIVE_RUN_STATES = ("queued", "running")
 FINAL_RUN_STATES = ("succeeded", "failed", "cancelled", "lost")
@@ -2279,9 +2282,6 @@ def attachment(name):
     return "attachment; filename=\"%s\"; filename*=UTF-8''%s" % (fallback, urllib.parse.quote(name, safe=""))
 
 
-ARCHIVE_FORMATS = ("zip", "tar.gz")
-
-
 def folder_archive(folder, base, fmt):
     """Stream the folder (a Descriptor) as zip or tar.gz while walking it: nothing is built in memory
     or on disk. Only regular files and folders go in (see archive_entries)."""
@@ -2677,6 +2677,130 @@ def socketio_send(req):
     return 200, Body.of(ENGINEIO_TEXT, b"ok")
 
 
+# ==== Web page and download links ====
+# The page is one static file beside this one. It holds no data, so it is served without a token;
+# everything it shows comes from the API with the token the person typed or followed a link with.
+# A link cannot carry a header, so downloads go through short-lived tickets: a random name bound to
+# one workflow, path and format, which the browser follows straight to disk (no result in memory).
+
+WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nfapi_ui.html")
+DOWNLOAD_LINK_SECONDS = 300
+MAX_DOWNLOAD_LINKS = 10000  # live at once: a token holder looping on download-link cannot fill memory
+
+
+def public(handler):
+    """Mark a route that needs no token: the page itself, and a download link (its ticket is the key)."""
+    handler.public = True
+    return handler
+
+
+def reads_only(handler):
+    """Mark a POST that changes nothing, so that the read-only token may call it as it may GET."""
+    handler.reads_only = True
+    return handler
+
+
+@public
+def web_page(req):
+    """The web page: nfapi_ui.html from beside the server, with a Content-Security-Policy that lets
+    only its own inline script and style run and lets it talk only to this server."""
+    try:
+        st = os.stat(WEB_PAGE)
+    except FileNotFoundError:
+        raise ApiError(404, "page", "the web page is not installed (put nfapi_ui.html beside nfapi.py); "
+                                    "the API works without it")
+    page, policy = web_page_and_policy(st.st_mtime_ns, st.st_size)
+    return 200, Body.of({"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": policy,
+                         "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}, page)
+
+
+@functools.lru_cache(maxsize=1)
+def web_page_and_policy(mtime_ns, size):
+    """Read once per version of the file (the arguments are its identity), so an edit shows on reload."""
+    with open(WEB_PAGE, "rb") as f:
+        page = f.read()
+    return page, content_security_policy(page)
+
+
+def content_security_policy(page):
+    """CSP 3: inline <script> and <style> blocks run only when their exact text hashes to a listed value."""
+    def hashes(tag):
+        blocks = re.findall(b"<%s>(.*?)</%s>" % (tag, tag), page, re.S)
+        return " ".join("'sha256-%s'" % base64.b64encode(hashlib.sha256(b).digest()).decode() for b in blocks)
+    return ("default-src 'none'; script-src %s; style-src %s; connect-src 'self'; img-src 'self' data:; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+            % (hashes(b"script") or "'none'", hashes(b"style") or "'none'"))
+
+
+def web_page_line(host, port, app):
+    """Where the page is, for the start-up output. The sign-in link carries the token in its fragment
+    (which a browser never sends or logs), but only to a person at a terminal: output that goes to a
+    file is a log, and no log holds the token."""
+    url = "http://%s:%d/" % (host, port)
+    if sys.stdout.isatty():
+        return "web page: %s#token=%s" % (url, app.token)
+    return "web page: %s (sign in with the API token from %s)" % (url, app.token_source)
+
+
+def whoami(req):
+    """Whether the caller holds the read-only token (the web page then leaves out what it cannot do)."""
+    # The dispatcher let the request in, so the token is one of the two.
+    _, _, token = req.headers.get("authorization", "").partition(" ")
+    return 200, {"read_only": not hmac.compare_digest(token.strip().encode(), req.app.token.encode())}
+
+
+class DownloadLinks:
+    """Live tickets in memory, oldest first: every ticket lives as long, so the expired ones are at
+    the front. A restart forgets them (the page asks for a new link)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.tickets = collections.OrderedDict()
+
+    def create(self, workflow_id, path, fmt):
+        ticket = secrets.token_urlsafe(32)
+        now = time.monotonic()
+        with self.lock:
+            while self.tickets and next(iter(self.tickets.values()))[3] <= now:
+                self.tickets.popitem(last=False)
+            if len(self.tickets) >= MAX_DOWNLOAD_LINKS:
+                raise ApiError(429, "path", "too many download links at once; use the ones you have or wait "
+                                            "%d minutes" % (DOWNLOAD_LINK_SECONDS // 60), {"Retry-After": "60"})
+            self.tickets[ticket] = (workflow_id, path, fmt, now + DOWNLOAD_LINK_SECONDS)
+        return ticket
+
+    def find(self, ticket):
+        with self.lock:
+            found = self.tickets.get(ticket)
+        if found is None or found[3] <= time.monotonic():
+            raise ApiError(404, "ticket", "no such download link, or it has expired; ask for a new one")
+        return found[:3]
+
+
+@reads_only
+def workflow_download_link(req, id):
+    """A link that downloads `path` (a file, or a folder as `format`) without a token, for a few minutes."""
+    body = req.json()
+    path, fmt = body.get("path", ""), body.get("format", "zip")
+    names = path_names(path, "path")
+    if fmt not in ARCHIVE_FORMATS:
+        raise ApiError(422, "format", "must be zip or tar.gz")
+    with req.app.open_workflow_folder(id) as root:
+        if path_lstat(root, names, "path") is None:
+            raise ApiError(404, "path", "no such file or folder")
+    ticket = req.app.download_links.create(id, path, fmt)
+    return 200, {"url": "/api/download/" + ticket, "expires_in": DOWNLOAD_LINK_SECONDS}
+
+
+@public
+def download(req, ticket):
+    """Follow a download link: exactly what GET /api/workflows/<id>/download serves for its path and format."""
+    workflow_id, path, fmt = req.app.download_links.find(ticket)
+    # The bound values stand in for the query string; Range and If-None-Match apply as usual.
+    req.query_params = {"path": path, "format": fmt}
+    return workflow_download(req, workflow_id)
+
+
 # ==== Routes ====
 # <int:id> matches ASCII digits only (int() would accept '١٢'); <name> is one percent-decoded segment.
 
@@ -2709,6 +2833,10 @@ ROUTES = [
     ("GET", "/api/openapi.json", openapi_json),
     ("GET", "/socket.io/", socketio_poll),
     ("POST", "/socket.io/", socketio_send),
+    ("GET", "/", web_page),
+    ("GET", "/api/whoami", whoami),
+    ("POST", "/api/workflows/<int:id>/download-link", workflow_download_link),
+    ("GET", "/api/download/<ticket>", download),
 ]
 
 
@@ -2806,14 +2934,14 @@ SCHEMAS = {
 QUERY = {
     "offset": ID, "limit": ID, "dir": STR, "path": STR, "run": ID,
     "token": STR, "status": {"enum": list(TASK_STATUS_RANK)}, "file": {"enum": ["console", "nextflow"]},
-    "format": {"enum": ["zip", "tar.gz"]}, "resume": {"enum": ["true", "false"]},
+    "format": {"enum": list(ARCHIVE_FORMATS)}, "resume": {"enum": ["true", "false"]},
     "wait": {"type": "integer", "minimum": 0, "maximum": MAX_ANSWER_WAIT},
     "EIO": {"enum": ["4"]}, "transport": {"enum": ["polling"]}, "sid": STR, "t": STR,
 }
-PATH_ARGS = {"id": ID, "run_id": ID, "name": STR}
+PATH_ARGS = {"id": ID, "run_id": ID, "name": STR, "ticket": STR}
 WORKER = dict(STR, minLength=1, maxLength=200)
 CLAIM = obj(["run_id", "claim_secret"], run_id=INT, claim_secret=STR)
-TEXT, BINARY, NO_CONTENT, PACKETS = "text", "binary", "empty", "engine.io packets"
+TEXT, BINARY, NO_CONTENT, PACKETS, HTML = "text", "binary", "empty", "engine.io packets", "html"
 ENGINEIO_QUERY = ["EIO", "transport", "sid", "t"]
 
 DOCS = {
@@ -2853,6 +2981,11 @@ DOCS = {
     openapi_json: ([], None, {"type": "object"}),
     socketio_poll: (ENGINEIO_QUERY, None, PACKETS),
     socketio_send: (ENGINEIO_QUERY, TEXT, PACKETS),
+    web_page: ([], None, HTML),
+    whoami: ([], None, obj(["read_only"], read_only=BOOL)),
+    workflow_download_link: ([], obj(path=STR, format={"enum": list(ARCHIVE_FORMATS)}),
+                             obj(["url", "expires_in"], url=STR, expires_in=INT)),
+    download: ([], None, BINARY),
 }
 
 
@@ -2895,6 +3028,8 @@ def openapi_operation(handler, path_args):
     elif answer == PACKETS:
         operation["responses"]["200"] = {"description": "Engine.IO packets joined by the record separator (\\x1e), "
                                                         "or `ok` for a POST", "content": {"text/plain": {"schema": STR}}}
+    elif answer == HTML:
+        operation["responses"]["200"] = {"description": "the page", "content": {"text/html": {"schema": STR}}}
     elif answer == BINARY:
         binary = {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}
         operation["responses"].update({"200": {"description": "the file, or the folder as an archive", "content": {
@@ -2905,6 +3040,8 @@ def openapi_operation(handler, path_args):
         operation["responses"]["200"] = {"description": "success", "content": {"application/json": {"schema": answer}}}
     if getattr(handler, "run_secret_auth", False):
         operation["security"] = [{"runSecret": []}, {"runBasic": []}]
+    if getattr(handler, "public", False):
+        operation["security"] = []
     return operation
 
 
@@ -3112,17 +3249,17 @@ class Handler(socketserver.StreamRequestHandler):
         except ApiError:
             self.authenticate()
             raise
-        if not getattr(self.route[0], "run_secret_auth", False):
-            self.authenticate()
+        if not (getattr(self.route[0], "run_secret_auth", False) or getattr(self.route[0], "public", False)):
+            self.authenticate(reads_only=getattr(self.route[0], "reads_only", False))
 
-    def authenticate(self):
-        """The API token allows everything; the optional read-only token allows GET."""
+    def authenticate(self, reads_only=False):
+        """The API token allows everything; the optional read-only token allows GET and `reads_only` POSTs."""
         scheme, _, token = self.headers.get("authorization", "").partition(" ")
         token = token.strip().encode() if scheme.lower() == "bearer" else b""
         if hmac.compare_digest(token, self.app.token.encode()):
             return
         if self.app.read_token and hmac.compare_digest(token, self.app.read_token.encode()):
-            if self.command == "GET":
+            if self.command == "GET" or reads_only:
                 return
             raise ApiError(403, "token", "this token is read-only")
         raise ApiError(401, "token", "missing or wrong API token (Authorization: Bearer <token>)",
@@ -3285,8 +3422,8 @@ def timeval(seconds):
 
 
 def redact(text):
-    """A request line or path with its weblog secret cut out, for logs."""
-    return re.sub(r"([?&]token=)[^&\s]*", r"\1...", text)
+    """A request line or path with its weblog secret or download ticket cut out, for logs."""
+    return re.sub(r"([?&]token=|/api/download/)[^&?\s]*", r"\1...", text)
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -3355,6 +3492,7 @@ class App:
         self.tmp_dir = os.path.join(self.data_dir, "tmp")
         self.token, self.token_source = load_token(self.data_dir)
         self.read_token = load_read_token(self.data_dir)
+        self.download_links = DownloadLinks()
         self.db = Database(os.path.join(self.data_dir, "nfapi.sqlite3"))
         self.changes = Changes()
         self.sockets = SocketIO(self)
@@ -3496,6 +3634,7 @@ def main(argv=None):
         signal.signal(sig, lambda signum, frame: threading.Thread(target=server.shutdown).start())
     host, port = server.server_address[:2]
     print("nfapi listening on http://%s:%d (token from %s)" % (host, port, app.token_source), flush=True)
+    print(web_page_line(host, port, app), flush=True)
     try:
         server.serve_forever(poll_interval=0.5)
     finally:

@@ -1,0 +1,158 @@
+"""Short-lived download links: POST /api/workflows/<id>/download-link, then GET /api/download/<ticket>
+with no token serves exactly what the download route serves for the bound path and format."""
+
+import io
+import os
+import tarfile
+import time
+import zipfile
+
+import pytest
+
+import nfapi
+from conftest import ServerProcess
+
+SAME_HEADERS = ("Content-Type", "Content-Disposition", "ETag", "Last-Modified", "Accept-Ranges", "Content-Length",
+                "Content-Range")
+
+
+def link(api, wid, path, fmt=None):
+    body = {"path": path} if fmt is None else {"path": path, "format": fmt}
+    resp = api.post("/api/workflows/%d/download-link" % wid, body)
+    assert resp.status == 200, resp
+    assert resp.json()["expires_in"] == nfapi.DOWNLOAD_LINK_SECONDS
+    url = resp.json()["url"]
+    assert url.startswith("/api/download/") and len(url) > len("/api/download/") + 40
+    return url
+
+
+def test_a_link_serves_what_the_download_route_serves(api):
+    wid = api.create("results")
+    data = os.urandom(300 * 1024)
+    api.upload(wid, "data.bin", data, directory="out")
+    api.upload(wid, "notes.txt", b"notes", directory="out/sub")
+    url = link(api, wid, "out/data.bin")
+    direct = "/api/workflows/%d/download?path=out/data.bin" % wid
+    for headers in ({}, {"Range": "bytes=1000-1999"}, {"Range": "bytes=-10"}):
+        via_link, via_token = api.get(url, token=False, headers=headers), api.get(direct, headers=headers)
+        assert via_link.status == via_token.status in (200, 206)
+        assert via_link.body == via_token.body
+        assert {h: via_link.headers[h] for h in SAME_HEADERS} == {h: via_token.headers[h] for h in SAME_HEADERS}
+    assert api.get(url, token=False, headers={"Range": "bytes=1000-1999"}).body == data[1000:2000]
+    etag = api.get(url, token=False).headers["ETag"]
+    assert api.get(url, token=False, headers={"If-None-Match": etag}).status == 304
+    assert api.get(url, token=False, headers={"Range": "bytes=999999999-"}).status == 416
+
+    zipped = api.get(link(api, wid, "out"), token=False)
+    assert zipped.status == 200 and zipped.headers["Content-Disposition"].startswith('attachment; filename="out.zip"')
+    assert zipfile.ZipFile(io.BytesIO(zipped.body)).namelist() == ["out/", "out/data.bin", "out/sub/", "out/sub/notes.txt"]
+    tarred = api.get(link(api, wid, "out/sub", "tar.gz"), token=False)
+    assert tarred.headers["Content-Type"] == "application/gzip"
+    assert tarfile.open(fileobj=io.BytesIO(tarred.body)).getnames() == ["sub", "sub/notes.txt"]
+    everything = api.get(link(api, wid, ""), token=False)
+    assert everything.headers["Content-Disposition"].startswith('attachment; filename="workflow-%d.zip"' % wid)
+
+
+def test_a_link_is_bound_to_its_workflow_path_and_format(api):
+    wid = api.create("bound")
+    api.upload(wid, "mine.txt", b"mine")
+    api.upload(wid, "other.txt", b"other")
+    url = link(api, wid, "mine.txt")
+    # Query parameters cannot point the ticket elsewhere.
+    assert api.get(url + "?path=other.txt&format=tar.gz", token=False).body == b"mine"
+    # The ticket is no token, and a token is no ticket.
+    ticket = url.rsplit("/", 1)[1]
+    assert api.get("/api/workflows/%d/download?path=other.txt" % wid, token=False,
+                   headers={"Authorization": "Bearer " + ticket}).status == 401
+    assert api.get("/api/download/" + api.token, token=False).status == 404
+    assert link(api, wid, "mine.txt") != url  # random each time
+
+
+def test_links_refuse_what_the_download_route_refuses(api):
+    wid = api.create("refusals")
+    api.upload(wid, "a.txt", b"a")
+    for body, status, field in [({"path": "../a.txt"}, 422, "path"), ({"path": "/etc/passwd"}, 422, "path"),
+                                ({"path": 5}, 422, "path"), ({"path": "missing.txt"}, 404, "path"),
+                                ({"path": "a.txt", "format": "rar"}, 422, "format")]:
+        resp = api.post("/api/workflows/%d/download-link" % wid, body)
+        assert resp.status == status and field in resp.json()["errors"], (body, resp)
+    assert api.post("/api/workflows/999/download-link", {"path": "a.txt"}).status == 404
+    assert api.post("/api/workflows/%d/download-link" % wid, {"path": "a.txt"}, token=False).status == 401
+    unknown = api.get("/api/download/" + "A" * 43, token=False)
+    assert unknown.status == 404 and "ask for a new one" in unknown.json()["errors"]["ticket"][0]
+
+
+def test_a_link_follows_no_symlink_put_in_after_it_was_made(api, server, tmp_path):
+    secret = tmp_path / "outside.txt"
+    secret.write_bytes(b"not yours")
+    wid = api.create("swapped")
+    api.upload(wid, "a.txt", b"a")
+    url = link(api, wid, "a.txt")
+    path = os.path.join(server.data, "workflows", str(wid), "a.txt")
+    os.unlink(path)
+    os.symlink(str(secret), path)
+    resp = api.get(url, token=False)
+    assert resp.status == 422 and b"not yours" not in resp.body
+    # Nor one to the workflow of somebody else.
+    other = api.create("other")
+    api.upload(other, "b.txt", b"other workflow")
+    os.unlink(path)
+    os.symlink(os.path.join(server.data, "workflows", str(other), "b.txt"), path)
+    assert api.get(url, token=False).status == 422
+
+
+def test_a_link_dies_with_its_workflow(api):
+    wid = api.create("short-lived")
+    api.upload(wid, "a.txt", b"a")
+    url = link(api, wid, "a.txt")
+    assert api.post("/api/workflows/%d/delete" % wid).status == 200
+    assert api.get(url, token=False).status == 404
+
+
+def test_the_read_only_token_may_make_links(tmp_path):
+    srv = ServerProcess(tmp_path, env={"NFAPI_READ_TOKEN": "reader-token"}).start()
+    try:
+        api = srv.client()
+        wid = api.create("shared")
+        api.upload(wid, "a.txt", b"a")
+        api.token = "reader-token"
+        assert api.get(link(api, wid, "a.txt"), token=False).body == b"a"
+        # Only that POST: the others stay refused to it.
+        assert api.post("/api/workflows/%d/create-folder" % wid, {"path": "x"}).status == 403
+        assert api.post("/api/workflows/create", {"name": "x"}).status == 403
+    finally:
+        srv.stop()
+
+
+def test_links_expire_and_their_number_is_bounded(monkeypatch):
+    monkeypatch.setattr(nfapi, "DOWNLOAD_LINK_SECONDS", 0.2)
+    monkeypatch.setattr(nfapi, "MAX_DOWNLOAD_LINKS", 3)
+    links = nfapi.DownloadLinks()
+    tickets = [links.create(1, "a.txt", "zip") for _ in range(3)]
+    assert links.find(tickets[0]) == (1, "a.txt", "zip")
+    with pytest.raises(nfapi.ApiError) as refused:
+        links.create(1, "a.txt", "zip")
+    assert refused.value.status == 429 and refused.value.headers["Retry-After"]
+    time.sleep(0.25)  # the lifetime itself is what is tested
+    for ticket in tickets:
+        with pytest.raises(nfapi.ApiError) as gone:
+            links.find(ticket)
+        assert gone.value.status == 404
+    fresh = links.create(1, "b.txt", "tar.gz")  # the expired ones made room
+    assert list(links.tickets) == [fresh]
+
+
+def test_tickets_never_reach_the_log(tmp_path):
+    srv = ServerProcess(tmp_path, quiet=False).start()
+    try:
+        api = srv.client()
+        wid = api.create("logged")
+        api.upload(wid, "a.txt", b"a")
+        url = link(api, wid, "a.txt")
+        assert api.get(url, token=False).status == 200
+        assert api.get(url + "?x=1", token=False).status == 200
+        log = srv.output()
+        assert "GET /api/download/" in log, "requests are logged"
+        assert url.rsplit("/", 1)[1] not in log
+    finally:
+        srv.stop()
