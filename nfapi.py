@@ -1241,7 +1241,7 @@ def workflow_create_folder(req, id):
 
 
 def workflow_schedule(req, id):
-    """Queue a run and answer it. `{"resume": true}` relaunches with -resume on the latest run's Nextflow session."""
+    """Queue a run and answer it; `{"resume": true}` relaunches with -resume on the latest run's Nextflow session."""
     resume = req.json().get("resume", False)
     if not isinstance(resume, bool):
         raise ApiError(422, "resume", "must be true or false")
@@ -1942,7 +1942,8 @@ SCHEMAS = {
 
 QUERY = {
     "offset": ID, "limit": ID, "dir": STR, "path": STR, "run": ID,
-    "token": STR, "status": {"enum": list(TASK_STATUS_RANK) + [s.lower() for s in TASK_STATUS_RANK]}, "file": {"enum": ["console", "nextflow"]},
+    "token": STR, "status": {"enum": list(TASK_STATUS_RANK) + [s.lower() for s in TASK_STATUS_RANK]},
+    "file": {"enum": ["console", "nextflow"]},
     "format": {"enum": ["zip", "tar.gz"]}, "resume": {"enum": ["true", "false"]},
 }
 PATH_ARGS = {"id": ID, "run_id": ID, "name": STR}
@@ -2643,10 +2644,10 @@ def main(argv=None):
     os.umask(0o077)
     server = listen(args.host, args.port)
     try:
-        server.app = App(config, args.data, quiet=args.quiet)
+        app = App(config, args.data, quiet=args.quiet)
     except (OSError, sqlite3.Error) as e:
         sys.exit("nfapi: cannot use %s as the data folder: %s" % (args.data, e))
-    app = server.app
+    server.app = app
     on_stop_signals(lambda signum, frame: threading.Thread(target=server.shutdown).start())
     host, port = server.server_address[:2]
     write_server_file(app.data_dir, host, port)

@@ -12,13 +12,13 @@ import zipfile
 import pytest
 
 import nfapi
-from conftest import CONFIG, PYTHON, ROOT, WorkerProcess, wait_final, wait_for
+from conftest import PYTHON, ROOT, wait_final
 
 PIPELINE = "Hello World (Local)"
 needs_curl = pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
 
 
-def published_run(stand, tmp_path):
+def published_run(stand):
     """A worker whose stand-in publishes results/, and workflow 1 run to its end the README's way."""
     stand.worker(env={"FAKE_NF_PUBLISH": "1"})
     api = stand.client()
@@ -43,7 +43,7 @@ def readme_download_lines():
 
 @needs_curl
 def test_readme_download_commands_work_and_resume(stand, tmp_path):
-    api, wid = published_run(stand, tmp_path)
+    api, wid = published_run(stand)
     assert wid == 1  # the README's commands name workflow 1
     lines = readme_download_lines()
     assert len(lines) == 3 and "-C - -o summary.txt" in lines[0]
@@ -130,15 +130,16 @@ def test_schedule_answers_the_new_run(api):
     wid = api.create()
     api.upload(wid, "ref.fa", b">r\nACGT\n")
     api.upload(wid, "a.fastq", b"@r\nACGT\n")
-    api.post("/api/workflows/%d/update" % wid, {"nextflow_workflow": PIPELINE, "nextflow_arguments": {"reference": "ref.fa"}})
+    api.post("/api/workflows/%d/update" % wid, {"nextflow_workflow": PIPELINE,
+                                                "nextflow_arguments": {"reference": "ref.fa"}})
     answer = api.post("/api/workflows/%d/schedule" % wid).json()
     assert answer["is_scheduled"] is True
     run = api.get("/api/workflows/%d/runs/%d" % (wid, answer["run"]["id"])).json()["run"]
     assert answer["run"] == run and run["status"] == "queued"
 
 
-def test_task_status_filter_takes_either_case(stand, tmp_path):
-    api, wid = published_run(stand, tmp_path)
+def test_task_status_filter_takes_either_case(stand):
+    api, wid = published_run(stand)
     tasks = "/api/workflows/%d/runs/1/tasks?status=" % wid
     upper = api.get(tasks + "COMPLETED").json()["tasks"]
     assert len(upper) == 2

@@ -37,10 +37,12 @@ def clean_env(**extra):
 
 
 def make(target, *variables, env=None, cwd=ROOT, **popen):
-    """`make <target>` in `cwd` with our Python; each make gets its own process group, as a terminal's
-    foreground job does, so a test can send it Ctrl-C the way a terminal would."""
+    """`make <target>` in `cwd` with our Python, started as a terminal starts a foreground job: in its
+    own process group (a test sends Ctrl-C to the group) with SIGINT at its default, even when this
+    test run was itself started with SIGINT ignored (`.ci/run &`)."""
     return subprocess.Popen(["make", "-s", "--no-print-directory", target, "PYTHON=" + PYTHON] + list(variables),
-                            cwd=cwd, env=env or clean_env(), start_new_session=True, **popen)
+                            cwd=cwd, env=env or clean_env(), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 def listener():
