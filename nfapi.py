@@ -17,6 +17,8 @@ secret instead, which works for that run only. Two routes need neither: the web 
 Data layout under --data (created 0700, files 0600):
     nfapi.sqlite3        workflows, runs and tasks (SQLite in WAL mode)
     api-token            the API token, unless $NFAPI_TOKEN is set
+    lock                 held (flock) by the one server using this folder; its pid inside
+    server.json          the running server's url, host, port and pid (removed when it stops)
     workflows/<id>/      the workflow's files: everything the file endpoints show
     launch/<id>/         where nextflow runs for this workflow (.nextflow/, work/, .nextflow.log)
     runs/<run id>/       params.json and console.log of one run
@@ -38,6 +40,7 @@ import contextlib
 import email.message
 import email.utils
 import errno
+import fcntl
 import fnmatch
 import functools
 import hashlib
@@ -987,6 +990,58 @@ def unlink_files(folder):
     return subfolders
 
 
+# ==== Data folder ====
+# One server per data folder, and never someone else's folder: checked before anything is written.
+
+DATA_FOLDER_NAMES = {"nfapi.sqlite3", "nfapi.sqlite3-wal", "nfapi.sqlite3-shm", "api-token", "api-read-token",
+                     "lock", "server.json", "workflows", "launch", "runs", "tmp"}
+
+
+def refuse_foreign_folder(path):
+    """Exit when `path` is a folder with files of its own: nfapi would make it private (0700) and mix
+    its files with the user's (`--data ~` would shut others out of a home folder). A folder nfapi
+    started before (nfapi.sqlite3, or only names nfapi uses) is adopted, and so is an empty one."""
+    try:
+        names = set(os.listdir(path))
+    except FileNotFoundError:
+        return
+    if "nfapi.sqlite3" not in names and not names <= DATA_FOLDER_NAMES:
+        sys.exit("nfapi: %s is not empty and is not an nfapi data folder (it has no nfapi.sqlite3); "
+                 "choose a new or empty folder with --data" % path)
+
+
+def lock_data_folder(path):
+    """Hold an exclusive lock on <data>/lock while the server runs and write our pid into it: a second
+    server on the same folder would empty tmp/ under the first one's uploads. Returns the open fd."""
+    fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        sys.exit("nfapi: %s is in use by another nfapi server (pid %s); stop that one or choose another --data"
+                 % (path, holder))
+    os.ftruncate(fd, 0)
+    os.write(fd, b"%d\n" % os.getpid())
+    return fd
+
+
+def write_server_file(data_dir, host, port):
+    """<data>/server.json, written once we listen: our address and pid. `make run` starts the worker
+    only when this names the server it started, so the token never goes to another program that
+    holds the port. Written whole (temp file, then rename): a reader never sees half of it."""
+    url = "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+    info = json.dumps({"url": url, "host": host, "port": port, "pid": os.getpid()})
+    temp_dir = os.path.join(data_dir, "tmp")  # same filesystem, and emptied at start
+    with tempfile.NamedTemporaryFile("w", dir=temp_dir, prefix=TEMP_PREFIX + "server-", delete=False) as f:
+        f.write(info + "\n")
+    os.replace(f.name, os.path.join(data_dir, "server.json"))
+
+
+def remove_server_file(data_dir):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(data_dir, "server.json"))
+
+
 # ==== Request bodies ====
 
 def refuse_constant(name):
@@ -1179,7 +1234,10 @@ class Body:
     def json(cls, value):
         if value is None:
             return cls.of({}, b"")
-        return cls.of({"Content-Type": "application/json"}, json.dumps(value).encode())
+        # UTF-8, not \u escapes. A file name that is not UTF-8 reaches us with lone surrogates
+        # (surrogateescape): backslashreplace writes those as the \udcXX escape JSON already had.
+        return cls.of({"Content-Type": "application/json"},
+                      json.dumps(value, ensure_ascii=False).encode("utf-8", "backslashreplace"))
 
 
 class ChunkedWriter:
@@ -1564,7 +1622,7 @@ def folder_to_create(body):
 
 
 def workflow_schedule(req, id):
-    """Queue a run. `{"resume": true}` relaunches with -resume on the latest run's Nextflow session."""
+    """Queue a run and answer it; `{"resume": true}` relaunches with -resume on the latest run's Nextflow session."""
     resume = req.json().get("resume", False)
     if not isinstance(resume, bool):
         raise ApiError(422, "resume", "must be true or false")
@@ -1576,12 +1634,14 @@ def workflow_schedule(req, id):
         refuse_if_active(conn, id, "schedule a workflow")
         if tuple(workflow_row(conn, id)) != tuple(checked):
             raise ApiError(409, "workflow", "the workflow changed while it was being scheduled; try again")
-        conn.execute("INSERT INTO runs (workflow_id, status, pipeline, arguments, params, resume, resume_session, "
-                     "secret, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                     (id, name, json.dumps(arguments), json.dumps(params), int(resume), session,
-                      secrets.token_urlsafe(24), time.time()))
+        run_id = conn.execute(
+            "INSERT INTO runs (workflow_id, status, pipeline, arguments, params, resume, resume_session, "
+            "secret, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+            (id, name, json.dumps(arguments), json.dumps(params), int(resume), session,
+             secrets.token_urlsafe(24), time.time())).lastrowid
+        run = run_json(conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone(), run_id)
     req.app.changes.notify(id, QUEUED_RUNS)
-    return 200, {"is_scheduled": True}
+    return 200, {"is_scheduled": True, "run": run}
 
 
 def workflow_command(req, id):
@@ -2102,8 +2162,11 @@ def workflow_run(req, id, run_id):
 
 def workflow_run_tasks(req, id, run_id):
     """The run's tasks as reported by Nextflow's weblog, by task id, a page at a time (`limit`, 1000 by
-    default); `next_offset` is the `offset` of the next page, null after the last. `?status=FAILED` filters."""
+    default); `next_offset` is the `offset` of the next page, null after the last. `?status=FAILED` (or
+    `failed`) filters."""
     status = req.query_str("status", None)
+    if status is not None:
+        status = status.upper()  # tasks are FAILED, runs are failed: a script should not have to care
     if status is not None and status not in TASK_STATUS_RANK:
         raise ApiError(422, "status", "must be one of %s" % ", ".join(TASK_STATUS_RANK))
     offset, limit = req.query_int("offset", 0), req.query_int("limit", TASKS_PAGE)
@@ -2933,7 +2996,7 @@ SCHEMAS = {
 
 QUERY = {
     "offset": ID, "limit": ID, "dir": STR, "path": STR, "run": ID,
-    "token": STR, "status": {"enum": list(TASK_STATUS_RANK)}, "file": {"enum": ["console", "nextflow"]},
+    "token": STR, "status": {"enum": list(TASK_STATUS_RANK) + [s.lower() for s in TASK_STATUS_RANK]}, "file": {"enum": ["console", "nextflow"]},
     "format": {"enum": list(ARCHIVE_FORMATS)}, "resume": {"enum": ["true", "false"]},
     "wait": {"type": "integer", "minimum": 0, "maximum": MAX_ANSWER_WAIT},
     "EIO": {"enum": ["4"]}, "transport": {"enum": ["polling"]}, "sid": STR, "t": STR,
@@ -2958,7 +3021,7 @@ DOCS = {
     # `path`, or nf-cloud's `new_path` (inside `target_path`, default "").
     workflow_create_folder: ([], dict(obj(path=STR, new_path=STR, target_path=STR),
                                       anyOf=[{"required": ["path"]}, {"required": ["new_path"]}]), NO_CONTENT),
-    workflow_schedule: ([], obj(resume=BOOL), obj(["is_scheduled"], is_scheduled=BOOL)),
+    workflow_schedule: ([], obj(resume=BOOL), obj(["is_scheduled", "run"], is_scheduled=BOOL, run=ref("Run"))),
     workflow_cancel: ([], None, obj(["workflow"], workflow=ref("Workflow"))),
     workflow_command: (["resume"], None, obj(["argv", "cwd", "params", "params_file"], argv=array(STR), cwd=STR,
                                               params={"type": "object"}, params_file=STR)),
@@ -3019,6 +3082,8 @@ def openapi_operation(handler, path_args):
     elif request == TEXT:
         operation["requestBody"] = {"required": True, "content": {"text/plain": {"schema": STR}}}
     elif request is not None:
+        if known_request_keys(handler) is not None:
+            request = dict(request, additionalProperties=False)  # check_known_keys refuses the others
         operation["requestBody"] = {"required": bool(request.get("required")),
                                     "content": {"application/json": {"schema": request}}}
     if answer == NO_CONTENT:
@@ -3043,6 +3108,27 @@ def openapi_operation(handler, path_args):
     if getattr(handler, "public", False):
         operation["security"] = []
     return operation
+
+
+def known_request_keys(handler):
+    """The top-level keys a JSON route's body may have, from its DOCS schema; None when the schema
+    names none and so takes any (the weblog's), () when the route documents no body."""
+    request = DOCS[handler][1]
+    if request is None:
+        return ()
+    return request.get("properties")
+
+
+def check_known_keys(handler, body):
+    """422 for each top-level key the route does not know: a typo (`nextflow_workflw`) must not be
+    ignored with 200. Every JSON body passes here (Handler.json), so no route can forget it."""
+    known = known_request_keys(handler)
+    if known is None:
+        return
+    unknown = [key for key in body if key not in known]
+    if unknown:
+        takes = "this request takes %s" % ", ".join(known) if known else "this request takes no fields"
+        raise ApiError.of(422, {key: ["unknown field; %s" % takes] for key in unknown})
 
 
 OPENAPI = openapi_document()
@@ -3331,6 +3417,7 @@ class Handler(socketserver.StreamRequestHandler):
             self.json_body = parse_json(data) if data.strip() else {}
             if not isinstance(self.json_body, dict):
                 raise ApiError(422, "body", "must be a JSON object")
+            check_known_keys(self.route[0], self.json_body)
         return self.json_body
 
     def query(self):
@@ -3485,7 +3572,9 @@ class App:
         self.config = config
         self.quiet = quiet
         self.data_dir = os.path.abspath(data_dir)
+        refuse_foreign_folder(self.data_dir)
         make_private_dir(self.data_dir)
+        self.lock_fd = lock_data_folder(self.data_dir)  # before anything in it changes
         os.chmod(self.data_dir, 0o700)
         for sub in ("workflows", "launch", "runs", "tmp"):
             make_private_dir(os.path.join(self.data_dir, sub))
@@ -3617,7 +3706,30 @@ def parse_args(argv):
     parser.add_argument("--host", default=env("NFAPI_HOST", "127.0.0.1"), help="address to bind ($NFAPI_HOST)")
     parser.add_argument("--port", type=int, default=int(env("NFAPI_PORT", "8000")), help="port, 0 for any ($NFAPI_PORT)")
     parser.add_argument("--quiet", action="store_true", help="do not log each request")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be 0 to 65535")
+    return args
+
+
+def listen(host, port):
+    """The listening server, before anything else: a port in use must change nothing (no data
+    folder, no token) and say so in one line."""
+    try:
+        return Server((host, port), Handler, None)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            sys.exit("nfapi: port %d on %s is in use; choose another with --port" % (port, host))
+        sys.exit("nfapi: cannot listen on %s port %d: %s" % (host, port, e.strerror or e))
+
+
+def on_stop_signals(stop):
+    """Call stop(signum, frame) on SIGTERM, and on SIGINT and SIGHUP unless they were ignored when we
+    started. A shell starts background jobs with SIGINT ignored: `make run` takes Ctrl-C itself and
+    stops the worker before the server. nohup ignores SIGHUP: the server outlives the logout."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, stop)
 
 
 def main(argv=None):
@@ -3627,17 +3739,21 @@ def main(argv=None):
     except ConfigError as e:
         sys.exit("nfapi: configuration error in %s: %s" % (args.config, e))
     os.umask(0o077)
-    app = App(config, args.data, quiet=args.quiet)
-    server = Server((args.host, args.port), Handler, app)
-    # Explicit for SIGINT too: a shell starts background jobs (as `make run` does) with SIGINT ignored.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: threading.Thread(target=server.shutdown).start())
+    server = listen(args.host, args.port)
+    try:
+        app = App(config, args.data, quiet=args.quiet)
+    except (OSError, sqlite3.Error) as e:
+        sys.exit("nfapi: cannot use %s as the data folder: %s" % (args.data, e))
+    server.app = app
+    on_stop_signals(lambda signum, frame: threading.Thread(target=server.shutdown).start())
     host, port = server.server_address[:2]
+    write_server_file(app.data_dir, host, port)
     print("nfapi listening on http://%s:%d (token from %s)" % (host, port, app.token_source), flush=True)
     print(web_page_line(host, port, app), flush=True)
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
+        remove_server_file(app.data_dir)
         app.stopping.set()
         server.server_close()
         app.db.close()

@@ -479,8 +479,11 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     worker = Worker(Api(args.server, read_token(args)), args.slots, args.nextflow, args.grace)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, worker.request_stop)
+    # SIGINT and SIGHUP stay ignored when they were at start: `make run` (whose background jobs ignore
+    # SIGINT) stops the worker itself, before the server; nohup means "outlive the logout".
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, worker.request_stop)
     log("serving %s with %d slot(s), nextflow=%s", args.server, args.slots, args.nextflow)
     worker.serve()
     log("stopped")

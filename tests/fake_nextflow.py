@@ -21,6 +21,8 @@ Knobs, read from the environment (a test sets them on the worker, whose environm
     FAKE_NF_ERROR_STRATEGY=finish   with FAKE_NF_FAIL: sequence C instead of B
     FAKE_NF_SCRIPT_ERROR=msg   the script fails before any task (sequence D)
     FAKE_NF_RECORD=dir         write dir/<run name>.json: argv, cwd, params file content, params read, environment
+    FAKE_NF_PUBLISH=1          each completed task appends a line to <params.outdir>/<process in lower
+                               case>.txt, standing in for `publishDir` (`make demo` then has results/)
 """
 
 import datetime
@@ -334,6 +336,16 @@ class Task:
             self.run.task_failed(self)
         elif status == "COMPLETED":
             self.run.cache_done(self)
+            publish(self)
+
+
+def publish(task):
+    outdir = task.run.params.get("outdir")
+    if not os.environ.get("FAKE_NF_PUBLISH") or not isinstance(outdir, str):
+        return
+    os.makedirs(outdir, exist_ok=True)  # relative to the launch folder, as in Nextflow
+    with open(os.path.join(outdir, task.process.lower() + ".txt"), "a") as f:
+        f.write("%s: output of the stand-in (tests/fake_nextflow.py runs no pipeline)\n" % task.name)
 
 
 def now_ms():
