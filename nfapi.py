@@ -3038,7 +3038,7 @@ DOCS = {
     pipeline_arguments: ([], None, obj(["arguments"], arguments={"type": "object", "additionalProperties": ref("Argument")})),
     worker_claim: ([], obj(["worker"], worker=WORKER, wait=dict(NUM, minimum=0, maximum=MAX_CLAIM_WAIT)),
                    obj(["run"], run=nullable(ref("Launch")))),
-    worker_heartbeat: ([], obj(["runs"], runs=dict(array(CLAIM), maxItems=1000)),
+    worker_heartbeat: ([], obj(["runs"], worker=WORKER, runs=dict(array(CLAIM), maxItems=1000)),
                        obj(["cancel", "gone"], cancel=array(INT), gone=array(INT))),
     worker_release: ([], CLAIM, EMPTY_OBJECT),
     openapi_json: ([], None, {"type": "object"}),

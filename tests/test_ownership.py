@@ -58,7 +58,7 @@ def test_a_token_holder_without_the_claim_secret_cannot_end_or_requeue_a_run(sta
         resp = api.post("/api/workflows/%d/finished" % wid, dict({"run_id": run["id"], "exit_code": 0,
                                                                    "worker": run["worker"]}, **secret))
         assert resp.status == 403, resp
-        resp = api.post("/api/worker/release", dict({"run_id": run["id"], "worker": run["worker"]}, **secret))
+        resp = api.post("/api/worker/release", dict({"run_id": run["id"]}, **secret))
         assert resp.status == 403, resp
     resp = api.post("/api/worker/heartbeat", {"worker": run["worker"], "runs": [{"run_id": run["id"], "claim_secret": "x"}]})
     assert resp.json() == {"cancel": [], "gone": [run["id"]]}
