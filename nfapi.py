@@ -110,6 +110,9 @@ NEXTFLOW_UNKNOWN_EXIT = 2147483647  # Integer.MAX_VALUE: a task's exit code befo
 # Nextflow's task states by progress: a late or repeated weblog post never moves a task back.
 TASK_STATUS_RANK = {"NEW": 0, "SUBMITTED": 1, "RUNNING": 2, "COMPLETED": 3, "FAILED": 3, "ABORTED": 3}
 TEMP_PREFIX = ".nfapi-"
+# A trace line is about 500 bytes: the cap holds a run of max_tasks_per_run tasks.
+MAX_TRACE_BYTES, MAX_TRACE_LINE_BYTES = 1024 * 1024 * 1024, 64 * 1024
+TRACE_BATCH = 10000  # trace rows written per write transaction, so that weblog posts never wait long
 
 
 # ==== Errors ====
@@ -1371,6 +1374,62 @@ def stored_value(definition, value):
     return [normal_path(v) for v in value] if definition["type"] == "paths" else normal_path(value)
 
 
+# ==== The run's Nextflow config ====
+# nfapi's own settings for a run reach Nextflow in a config file of the run folder that the worker
+# writes (0600) and passes with `-c`, never on its command line: every user of the node sees that in
+# `ps`, and Nextflow copies it into .nextflow.log and .nextflow/history. The file holds the weblog,
+# its secret sent as HTTP Basic (weblog.basicToken), and the trace file, report and timeline
+# (NEXTFLOW.md 1.2, 3.6a), which also make Nextflow send task metrics.
+
+RUN_CONFIG, TRACE_FILE = "nfapi.config", "trace.txt"
+# Every trace field a user looks at, under Nextflow's names (TraceRecord.FIELDS).
+TRACE_FIELDS = ("task_id", "hash", "native_id", "process", "tag", "name", "status", "exit", "attempt", "submit",
+                "start", "complete", "duration", "realtime", "%cpu", "%mem", "peak_rss", "peak_vmem", "rchar", "wchar",
+                "read_bytes", "write_bytes", "cpus", "memory", "time", "disk", "queue", "container", "hostname",
+                "error_action", "workdir")
+GROOVY_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
+
+
+def run_config(run_dir, weblog_url, secret, basic_token):
+    """The text of a run's config. Nextflow before 23.10 has no weblog.basicToken (nf-weblog 1.1.0):
+    without `basic_token` the secret goes in the weblog URL's query instead."""
+    weblog = {"enabled": True, "url": weblog_url, "basicToken": "nfapi:" + secret} if basic_token else \
+        {"enabled": True, "url": "%s&token=%s" % (weblog_url, secret)}
+    scopes = [("weblog", weblog),
+              ("trace", {"enabled": True, "file": os.path.join(run_dir, TRACE_FILE), "overwrite": True, "raw": True,
+                         "fields": ",".join(TRACE_FIELDS)}),
+              ("report", {"enabled": True, "file": os.path.join(run_dir, "report.html"), "overwrite": True}),
+              ("timeline", {"enabled": True, "file": os.path.join(run_dir, "timeline.html"), "overwrite": True})]
+    return "// Written by nfapi for this run only.\n" + "".join(
+        "%s {\n%s}\n" % (scope, "".join("    %s = %s\n" % (key, groovy_value(v)) for key, v in settings.items()))
+        for scope, settings in scopes)
+
+
+def groovy_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return groovy_string(value)
+
+
+def groovy_string(text):
+    """`text` as a single-quoted Groovy string literal, which keeps `$` as it is (no interpolation).
+
+    Quotes, backslashes and line breaks are escaped; everything else outside printable ASCII is
+    written \\uXXXX (UTF-16), so the file is ASCII whatever charset Nextflow's JVM reads it with.
+    Even a reader that turns \\uXXXX into characters before it parses (as javac does) gets no quote,
+    backslash or line break from them: those are always written with their own escapes."""
+    out = []
+    for ch in text:
+        if ch in GROOVY_ESCAPES:
+            out.append(GROOVY_ESCAPES[ch])
+        elif " " <= ch <= "~":
+            out.append(ch)
+        else:
+            units = ch.encode("utf-16-be", "surrogatepass")
+            out.extend("\\u%02x%02x" % (units[i], units[i + 1]) for i in range(0, len(units), 2))
+    return "'%s'" % "".join(out)
+
+
 # ==== Handlers ====
 # Each handler takes the request (a Handler) and the route's parameters and returns
 # (status, body): a dict is sent as JSON, None as an empty body.
@@ -1645,10 +1704,11 @@ def workflow_schedule(req, id):
 
 
 def workflow_command(req, id):
-    """The exact argv and params file the worker would run if the workflow were scheduled now.
+    """The exact argv, params file and run config the worker would run if the workflow were scheduled now.
 
     Nothing runs. Only the run's id and weblog secret are not known yet: they show as `<run id>`
-    and `<secret>`. 422 with the same errors as `schedule` when it could not be scheduled.
+    and `<secret>`. `config` is the run config for Nextflow 23.10 and later (nfapi.config, given
+    with -c). 422 with the same errors as `schedule` when it could not be scheduled.
     """
     resume = req.query_bool("resume")
     with req.db() as conn:
@@ -1656,7 +1716,7 @@ def workflow_command(req, id):
     run = {"id": "<run id>", "workflow_id": id, "secret": "<secret>", "params": json.dumps(params),
            "resume_session": session}
     launch = launch_spec(req.app, run, req.app.config["pipelines"][name], weblog_host(req))
-    return 200, {key: launch[key] for key in ("argv", "cwd", "params", "params_file")}
+    return 200, {key: launch[key] for key in ("argv", "cwd", "params", "params_file", "config")}
 
 
 def prepare_run(app, conn, workflow_id, resume):
@@ -1760,6 +1820,7 @@ def workflow_cancel(req, id):
 def workflow_finished(req, id):
     """The worker that holds the run's claim reports how nextflow ended. Repeating the report changes
     nothing. `lost` is final: a report for a lost run is kept as its `late_report`, nothing else changes.
+    Before a running run ends, its tasks are brought to Nextflow's trace file (reconcile_tasks).
 
     Which error a client sees: Nextflow's own errorMessage (from its `completed` post, taken while the
     run is active) when there is one, as it names the cause; else the console tail the worker sends.
@@ -1772,6 +1833,7 @@ def workflow_finished(req, id):
         raise ApiError(422, "run_id", "must be an integer")
     if exit_code is not None and not is_int(exit_code):
         raise ApiError(422, "exit_code", "must be an integer or null")
+    reconcile_tasks(req, id, run_id, body.get("claim_secret"))
     now = time.time()
     with req.app.db.write() as conn:
         run = claimed_run(conn, run_id, body.get("claim_secret"), id)
@@ -1829,10 +1891,11 @@ def run_secret_auth(handler):
 def workflow_nextflow_log(req, id):
     """Nextflow's weblog (one POST per event, sequential, waiting for each answer): record and answer fast.
 
-    The URL carries `?run=<run id>&token=<secret>`; HTTP Basic `<any user>:<secret>` (weblog.basicToken)
-    works too. The secret is checked before the body is read: a wrong one is answered (and the
-    connection closed) without reading its body. It works until `weblog_grace_seconds` after the run
-    ended. Counting is idempotent: tasks are rows keyed by (run, task_id).
+    The URL carries `?run=<run id>`, and the secret comes as HTTP Basic `<any user>:<secret>`
+    (weblog.basicToken, Nextflow 23.10 on) or in the URL as `&token=<secret>` (older Nextflow). The
+    secret is checked before the body is read: a wrong one is answered (and the connection closed)
+    without reading its body. It works until `weblog_grace_seconds` after the run ended. Counting is
+    idempotent: tasks are rows keyed by (run, task_id).
     """
     run_id, secret = req.query_int("run", None), req.weblog_secret()
     refusal = weblog_refusal(req.app, known_weblog_run(req, id, run_id), secret)
@@ -1964,6 +2027,74 @@ def epoch_ms(value):
     return value if is_int(value) and value > 0 else None
 
 
+# ==== Nextflow's trace file ====
+# Nextflow never retries a weblog post (NEXTFLOW.md 1.5): a post sent while the server was down or
+# restarting is gone, and its task would stay RUNNING for ever. The trace file Nextflow writes in
+# the run folder (trace.raw, see run_config) is the authoritative record: when the worker reports
+# the end of a run, its tasks are brought to what the file says, through record_task as a weblog
+# post would be, so a task never moves backwards. Tasks the file leaves SUBMITTED or RUNNING stay so:
+# Nextflow itself wrote them that way at the end (a task kept running with
+# -disable-jobs-cancellation, or one nextflow did not get to kill), so nfapi cannot know more.
+
+TRACE_NUMBER_FIELDS = {"task_id", "exit", "attempt", "submit", "start", "complete", "duration", "realtime", "%cpu",
+                       "%mem", "peak_rss", "peak_vmem", "rchar", "wchar", "read_bytes", "write_bytes", "cpus",
+                       "memory", "time", "disk"}
+TRACE_NUMBER = re.compile(r"-?[0-9]{1,19}(\.[0-9]{1,19}([eE]-?[0-9]{1,3})?)?")  # Java's Long and Float texts
+
+
+def reconcile_tasks(req, workflow_id, run_id, claim_secret):
+    """Bring the tasks of a running run to its trace file. Tasks already final are not read again;
+    the file is read outside any transaction, and what it changes is written TRACE_BATCH rows at a time."""
+    with req.db() as conn:
+        run = claimed_run(conn, run_id, claim_secret, workflow_id)
+        if run["status"] != "running":
+            return
+        settled = {row[0] for row in conn.execute(
+            "SELECT task_id FROM tasks WHERE run_id = ? AND %s = 3" % status_rank_sql("status"), (run_id,))}
+    rows = [row for row in read_trace(os.path.join(req.app.run_dir(run_id), TRACE_FILE))
+            if row.get("task_id") not in settled]
+    for start in range(0, len(rows), TRACE_BATCH):
+        with req.app.db.write() as conn:
+            for row in rows[start:start + TRACE_BATCH]:
+                # The run is read for each row: record_task counts its tasks against max_tasks_per_run.
+                record_task(req.app, conn, weblog_run(conn, workflow_id, run_id), row)
+
+
+def read_trace(path):
+    """Yield the rows of a trace file as dicts keyed by its header's field names, raw numbers as numbers
+    and `-` as None. The pipeline writes in the run folder too: a link or a FIFO is not read, nor more
+    than MAX_TRACE_BYTES. A row whose columns do not match the header (a tab in a tag) or that nextflow
+    had not finished writing is left out."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return  # no trace: nextflow did not start
+    header, left = None, MAX_TRACE_BYTES
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        while True:
+            line = f.readline(min(left, MAX_TRACE_LINE_BYTES))
+            left -= len(line)
+            if not line.endswith(b"\n"):
+                return
+            values = line[:-1].decode("utf-8", "replace").split("\t")
+            if header is None:
+                header = values
+            elif len(values) == len(header):
+                yield {name: trace_value(name, value) for name, value in zip(header, values)}
+
+
+def trace_value(name, text):
+    if text == "-":
+        return None
+    if name not in TRACE_NUMBER_FIELDS:
+        return text
+    if not TRACE_NUMBER.fullmatch(text):
+        return None
+    return float(text) if "." in text else int(text)
+
+
 # ==== Worker protocol ====
 # A claim gives the worker the run and a claim secret. The worker confirms the claim with its first
 # heartbeat before it starts nextflow; a claim not confirmed within `claim_confirm_seconds` goes back
@@ -2072,22 +2203,28 @@ def startable_run(conn, now, hold):
 
 
 def launch_spec(app, run, pipeline, host):
-    """Everything a worker needs to start nextflow; user values are only in `params`, never in argv."""
+    """Everything a worker needs to start nextflow; user values are only in `params`, never in argv.
+
+    The worker writes `config` to `config_file` for Nextflow 23.10 and later, `config_url_token`
+    (the secret in the weblog URL) for older ones: only it knows which Nextflow it runs."""
     workflow_id, run_id = run["workflow_id"], run["id"]
     run_dir = app.run_dir(run_id)
-    params_file = os.path.join(run_dir, "params.json")
-    weblog = "http://%s/api/workflows/%d/nextflow-log?run=%s&token=%s" % (host, workflow_id, run_id, run["secret"])
+    params_file, config_file = os.path.join(run_dir, "params.json"), os.path.join(run_dir, RUN_CONFIG)
+    weblog = "http://%s/api/workflows/%d/nextflow-log?run=%s" % (host, workflow_id, run_id)
     launch_dir = app.launch_dir(workflow_id)
     argv = ["run", pipeline.get("script") or pipeline.get("pipeline")]
     if "revision" in pipeline:
         argv += ["-r", pipeline["revision"]]
-    argv += ["-params-file", params_file, "-with-weblog", weblog, "-name", "nfapi-run-%s" % run_id,
+    argv += ["-params-file", params_file, "-name", "nfapi-run-%s" % run_id,
              "-work-dir", os.path.join(launch_dir, "work"), "-ansi-log", "false"]
-    argv += pipeline["nextflow_parameters"]
+    # nfapi's config last: a -c file of the pipeline's nextflow_parameters cannot turn its settings off.
+    argv += pipeline["nextflow_parameters"] + ["-c", config_file]
     if run["resume_session"]:
         argv += ["-resume", run["resume_session"]]
     return {"run_id": run_id, "workflow_id": workflow_id, "argv": argv, "cwd": launch_dir,
             "params": json.loads(run["params"]), "params_file": params_file, "run_dir": run_dir,
+            "config_file": config_file, "config": run_config(run_dir, weblog, run["secret"], True),
+            "config_url_token": run_config(run_dir, weblog, run["secret"], False),
             "console_log": os.path.join(run_dir, "console.log"), "lease_seconds": app.config["lease_seconds"]}
 
 
@@ -2988,10 +3125,12 @@ SCHEMAS = {
                 status={"enum": list(TASK_STATUS_RANK)}, exit=nullable(INT), attempt=nullable(INT),
                 submit=nullable(INT), start=nullable(INT), complete=nullable(INT), duration=nullable(INT),
                 workdir=nullable(STR)),
-    "Launch": obj(["run_id", "workflow_id", "argv", "cwd", "params", "params_file", "run_dir", "console_log",
-                   "lease_seconds", "claim_secret", "claim_confirm_seconds"], run_id=INT, workflow_id=INT,
-                  argv=array(STR), cwd=STR, params={"type": "object"}, params_file=STR, run_dir=STR, console_log=STR,
-                  lease_seconds=NUM, claim_secret=STR, claim_confirm_seconds=NUM),
+    "Launch": obj(["run_id", "workflow_id", "argv", "cwd", "params", "params_file", "run_dir", "config_file",
+                   "config", "config_url_token", "console_log", "lease_seconds", "claim_secret",
+                   "claim_confirm_seconds"], run_id=INT, workflow_id=INT, argv=array(STR), cwd=STR,
+                  params={"type": "object"}, params_file=STR, run_dir=STR, config_file=STR, config=STR,
+                  config_url_token=STR, console_log=STR, lease_seconds=NUM, claim_secret=STR,
+                  claim_confirm_seconds=NUM),
 }
 
 QUERY = {
@@ -3023,8 +3162,8 @@ DOCS = {
                                       anyOf=[{"required": ["path"]}, {"required": ["new_path"]}]), NO_CONTENT),
     workflow_schedule: ([], obj(resume=BOOL), obj(["is_scheduled", "run"], is_scheduled=BOOL, run=ref("Run"))),
     workflow_cancel: ([], None, obj(["workflow"], workflow=ref("Workflow"))),
-    workflow_command: (["resume"], None, obj(["argv", "cwd", "params", "params_file"], argv=array(STR), cwd=STR,
-                                              params={"type": "object"}, params_file=STR)),
+    workflow_command: (["resume"], None, obj(["argv", "cwd", "params", "params_file", "config"], argv=array(STR),
+                                              cwd=STR, params={"type": "object"}, params_file=STR, config=STR)),
     workflow_finished: ([], obj(["run_id", "claim_secret"], run_id=INT, claim_secret=STR, exit_code=nullable(INT),
                                 error=nullable(STR), cancelled=BOOL, worker=STR), NO_CONTENT),
     workflow_nextflow_log: (["run", "token"], {"type": "object"}, NO_CONTENT),

@@ -13,14 +13,16 @@ before nextflow starts: a claim the server has taken back meanwhile is dropped. 
 answers as `gone` (it gave up on it) has its nextflow stopped at once.
 
 Nextflow gets the launch the server built: the argv after the binary (user values are only in the
-params file, where `$` is written `\\u0024` so Nextflow replaces no `${...}` in them), its launch
-folder as cwd, umask 077, and the worker's environment minus NFAPI_TOKEN. Its stdout and stderr go
-to the run's console.log. It runs in its own process group and gets SIGTERM if the worker dies
-(Linux). It holds a lock on its launch folder for as long as it runs, even past the worker: a
-launch whose folder is locked is refused, so a workflow never has two nextflow at once. Cancelling
-sends SIGTERM (nextflow then kills its tasks and reports them ABORTED), then SIGKILL to the whole
-group after --grace seconds. SIGTERM or Ctrl-C on the worker withdraws its claim poll, stops all its
-runs that way and reports them before exiting.
+params file, where `$` is written `\\u0024` so Nextflow replaces no `${...}` in them), the run's
+private config (given with -c: the weblog with its secret, the trace file, report and timeline; the
+worker reads `nextflow -version` once at start, and Nextflow before 23.10 gets the form that has the
+secret in the weblog URL), its launch folder as cwd, umask 077, and the worker's environment minus
+NFAPI_TOKEN. Its stdout and stderr go to the run's console.log. It runs in its own process group and
+gets SIGTERM if the worker dies (Linux). It holds a lock on its launch folder for as long as it runs,
+even past the worker: a launch whose folder is locked is refused, so a workflow never has two
+nextflow at once. Cancelling sends SIGTERM (nextflow then kills its tasks and reports them ABORTED),
+then SIGKILL to the whole group after --grace seconds. SIGTERM or Ctrl-C on the worker withdraws its
+claim poll, stops all its runs that way and reports them before exiting.
 """
 
 import argparse
@@ -49,9 +51,11 @@ MAX_BACKOFF_SECONDS = 10.0
 CONSOLE_TAIL_BYTES = 4000
 STOP_REPORT_SECONDS = 60  # how long a stopping worker keeps trying to report a run's end
 PR_SET_PDEATHSIG = 1
+VERSION_SECONDS = 120  # `nextflow -version` may first download the Nextflow it runs
 LAUNCH_LOCK = ".nfapi-launch.lock"
 # The only session id the worker puts after -resume: anything else would be an option of its own.
 SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+NEXTFLOW_VERSION = re.compile(r"\bversion ([0-9]+\.[0-9]+\.[0-9]+)")
 
 
 def log(message, *args):
@@ -113,9 +117,26 @@ def claim_of(launch):
 
 # ==== One run ====
 
+def nextflow_version(binary):
+    """The version `binary -version` prints (e.g. "25.04.0"), or None when it cannot be told."""
+    try:
+        out = subprocess.run([binary, "-version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, env=child_environment(), timeout=VERSION_SECONDS).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = NEXTFLOW_VERSION.search(out.decode("utf-8", "replace"))
+    return found.group(1) if found else None
+
+
+def sends_basic_token(version):
+    """Whether this Nextflow sends weblog.basicToken (nf-weblog 1.1.0 on, Nextflow 23.10 on). An unknown
+    version is taken for a current one."""
+    return version is None or tuple(int(part) for part in version.split(".")[:2]) >= (23, 10)
+
+
 def prepare_child():
-    """In the child before exec: files nextflow creates are private (.nextflow/history holds the
-    weblog URL with its secret), and Linux sends SIGTERM when the thread that started it dies, so a
+    """In the child before exec: files nextflow creates are private (before 23.10 .nextflow.log holds
+    the weblog URL with its secret), and Linux sends SIGTERM when the thread that started it dies, so a
     worker killed with SIGKILL leaves no nextflow running unseen."""
     os.umask(0o077)
     with contextlib.suppress(OSError, AttributeError):
@@ -236,6 +257,8 @@ class RunProcess(threading.Thread):
     def run_nextflow(self, console, lock):
         launch = self.launch
         write_private(launch["params_file"], params_file_text(launch["params"]))
+        config = launch["config"] if sends_basic_token(self.worker.nextflow_version) else launch["config_url_token"]
+        write_private(launch["config_file"], config.encode())
         argv = [self.worker.nextflow] + launch["argv"]
         with self.lock:
             if self.stopped_because:
@@ -280,10 +303,11 @@ class RunProcess(threading.Thread):
 # ==== The worker loop ====
 
 class Worker:
-    def __init__(self, api, slots, nextflow, grace):
+    def __init__(self, api, slots, nextflow, grace, nextflow_version):
         self.api = api
         self.slots = slots
         self.nextflow = nextflow
+        self.nextflow_version = nextflow_version
         self.grace = grace
         self.name = "%s:%d" % (socket.gethostname(), os.getpid())
         self.stop = threading.Event()
@@ -438,7 +462,8 @@ class Worker:
 
 def is_launch(launch):
     keys = {"run_id": int, "workflow_id": int, "argv": list, "cwd": str, "params": dict, "params_file": str,
-            "run_dir": str, "console_log": str, "claim_secret": str, "claim_confirm_seconds": (int, float)}
+            "run_dir": str, "config_file": str, "config": str, "config_url_token": str, "console_log": str,
+            "claim_secret": str, "claim_confirm_seconds": (int, float)}
     return isinstance(launch, dict) and all(isinstance(launch.get(k), t) for k, t in keys.items()) \
         and all(isinstance(a, str) for a in launch["argv"])
 
@@ -478,13 +503,15 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    worker = Worker(Api(args.server, read_token(args)), args.slots, args.nextflow, args.grace)
+    version = nextflow_version(args.nextflow)
+    worker = Worker(Api(args.server, read_token(args)), args.slots, args.nextflow, args.grace, version)
     # SIGINT and SIGHUP stay ignored when they were at start: `make run` (whose background jobs ignore
     # SIGINT) stops the worker itself, before the server; nohup means "outlive the logout".
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:
             signal.signal(sig, worker.request_stop)
-    log("serving %s with %d slot(s), nextflow=%s", args.server, args.slots, args.nextflow)
+    log("serving %s with %d slot(s), nextflow=%s (nextflow %s)", args.server, args.slots, args.nextflow,
+        version or "of unknown version")
     worker.serve()
     log("stopped")
 

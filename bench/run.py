@@ -182,7 +182,8 @@ def claimed_runs(server, count, tmp):
         status, _ = server.call("POST", "/api/workflows/%d/schedule" % wid)
         assert status == 200
         _, claim = server.call("POST", "/api/worker/claim", {"worker": "bench", "wait": 0})
-        url = claim["run"]["argv"][claim["run"]["argv"].index("-with-weblog") + 1]
+        # The weblog URL with the secret in its query, as Nextflow before 23.10 posts it.
+        url = re.search(r"url = '([^']*)'", claim["run"]["config_url_token"]).group(1)
         targets.append((wid, urllib.parse.urlsplit(url)))
     return targets
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 
 import pytest
@@ -328,6 +329,21 @@ def wait_final(api, wid, timeout=30):
         wf = api.get("/api/workflows/%d" % wid).json()["workflow"]
         return wf if wf["status"] in FINAL_STATES else None
     return wait_for(final, timeout=timeout, interval=0.05, message="run of workflow %d to end" % wid)
+
+
+def weblog_target(launch):
+    """Where Nextflow before 23.10 posts a claimed run's weblog: the URL in its launch's config, with
+    the run's secret in the query."""
+    import fake_nextflow
+    config = fake_nextflow.parse_config_text(launch["config_url_token"], launch["config_file"])
+    return urllib.parse.urlsplit(config["weblog"]["url"])
+
+
+def recorded_weblog_target(record):
+    """The weblog URL of a run the stand-in recorded, with the run's secret in the query."""
+    weblog = record["config"]["weblog"]
+    secret = weblog["basicToken"].split(":", 1)[1] if "basicToken" in weblog else None
+    return urllib.parse.urlsplit(weblog["url"] + ("&token=" + secret if secret else ""))
 
 
 def ready_workflow(api, name="wf", title="My demo run", reads=2):

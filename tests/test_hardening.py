@@ -16,7 +16,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import ServerProcess, multipart_body, ready_workflow, wait_for, write_config
+from conftest import ServerProcess, multipart_body, ready_workflow, wait_for, weblog_target, write_config
 
 
 def integrity_ok(data):
@@ -277,7 +277,7 @@ def test_sigkill_while_weblog_posts_stream_loses_no_answered_post(tmp_path):
     wid = ready_workflow(api)
     api.post("/api/workflows/%d/schedule" % wid)
     launch = api.post("/api/worker/claim", {"worker": "w", "wait": 0}).json()["run"]
-    url = urllib.parse.urlsplit(launch["argv"][launch["argv"].index("-with-weblog") + 1])
+    url = weblog_target(launch)
     answered = []
 
     def stream():
@@ -396,7 +396,7 @@ def test_tokens_never_reach_the_log(tmp_path):
         wid = ready_workflow(api)
         api.post("/api/workflows/%d/schedule" % wid)
         launch = api.post("/api/worker/claim", {"worker": "w", "wait": 0}).json()["run"]
-        url = urllib.parse.urlsplit(launch["argv"][launch["argv"].index("-with-weblog") + 1])
+        url = weblog_target(launch)
         secret = urllib.parse.parse_qs(url.query)["token"][0]
         assert api.request("POST", url.path + "?" + url.query, body={"event": "started"}, token=False).status == 200
         api.request("POST", url.path + "?run=1&token=wrong-" + secret, body={}, token=False)

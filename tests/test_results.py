@@ -31,8 +31,8 @@ def test_run_history_and_tasks(stand):
     assert runs[0]["cached"] == 2 and runs[0]["session_id"] == runs[1]["session_id"]
     command = runs[1]["command"]
     assert command[:2] == ["run", os.path.join(nfapi.__file__.rsplit("/", 1)[0], "examples", "demo", "main.nf")]
-    weblog = command[command.index("-with-weblog") + 1]
-    assert weblog.endswith("&token=...") and runs[0]["command"][-2:] == ["-resume", runs[1]["session_id"]]
+    assert command[command.index("-c") + 1].endswith("/nfapi.config") and "-with-weblog" not in command
+    assert runs[0]["command"][-2:] == ["-resume", runs[1]["session_id"]]
     assert api.get("/api/workflows/%d/runs?limit=1" % wid).json()["runs"] == [second]
     assert api.get("/api/workflows/%d/runs/%d" % (wid, first["id"])).json() == {"run": runs[1]}
     tasks = api.get("/api/workflows/%d/runs/%d/tasks" % (wid, first["id"])).json()["tasks"]

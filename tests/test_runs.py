@@ -65,10 +65,9 @@ def test_exact_argv_and_params_for_every_argument_type(stand):
         run_dir = os.path.join(stand.data, "runs", str(run["id"]))
         launch = os.path.join(stand.data, "launch", str(wid))
         argv = record["argv"]
-        weblog = argv[5]
-        assert weblog.startswith("http://127.0.0.1:%d/api/workflows/%d/nextflow-log?run=%d&token=" % (stand.port, wid, run["id"]))
-        assert argv == ["run", SCRIPT, "-params-file", os.path.join(run_dir, "params.json"), "-with-weblog", weblog,
-                        "-name", "nfapi-run-%d" % run["id"], "-work-dir", os.path.join(launch, "work"), "-ansi-log", "false"]
+        assert argv == ["run", SCRIPT, "-params-file", os.path.join(run_dir, "params.json"),
+                        "-name", "nfapi-run-%d" % run["id"], "-work-dir", os.path.join(launch, "work"), "-ansi-log", "false",
+                        "-c", os.path.join(run_dir, "nfapi.config")]
         assert record["cwd"] == launch
         folder = os.path.join(root, str(wid))
         assert json.loads(record["params_file"]) == {

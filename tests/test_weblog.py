@@ -10,7 +10,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import FAKE_NEXTFLOW, PYTHON, ROOT, ready_workflow
+from conftest import FAKE_NEXTFLOW, PYTHON, ROOT, ready_workflow, weblog_target
 
 # Genuine payloads, copied unmodified from ../shared/reference/weblog-samples (provenance in SOURCES.md).
 SAMPLE_DIR = os.path.join(ROOT, "tests", "data", "weblog-samples")
@@ -27,8 +27,7 @@ def scheduled_run(api, name="wl"):
     wid = ready_workflow(api, name=name)
     assert api.post("/api/workflows/%d/schedule" % wid).status == 200
     launch = claim(api)
-    url = launch["argv"][launch["argv"].index("-with-weblog") + 1]
-    return wid, launch, urllib.parse.urlsplit(url)
+    return wid, launch, weblog_target(launch)
 
 
 def post(api, target, body, headers=None):

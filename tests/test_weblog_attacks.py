@@ -1,4 +1,4 @@
-"""Issue 11, findings 1, 5 and 9: what a local user who can read a run's weblog secret (it is in `ps`)
+"""Issue 11, findings 1, 5 and 9: what a local user who can read a run's weblog secret (it was in `ps`)
 can do with it, and what the logs and the params file give away or change."""
 
 import http.client
@@ -11,7 +11,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import ServerProcess, ready_workflow, wait_final, wait_for
+from conftest import ServerProcess, ready_workflow, recorded_weblog_target, wait_final, wait_for, weblog_target
 
 LOG_CHUNK = 1024 * 1024  # nfapi.LOG_CHUNK_BYTES: one answer of the log endpoint
 
@@ -21,11 +21,6 @@ def claim(api):
     resp = api.post("/api/worker/claim", {"worker": "attack-test", "wait": 0})
     assert resp.status == 200, resp
     return resp.json()["run"]
-
-
-def weblog_url(argv):
-    """The weblog URL of a nextflow command line, as `ps` shows it to every local user."""
-    return urllib.parse.urlsplit(argv[argv.index("-with-weblog") + 1])
 
 
 def secret_of(target):
@@ -51,7 +46,7 @@ def claimed_run(api):
     wid = ready_workflow(api)
     assert api.post("/api/workflows/%d/schedule" % wid).status == 200
     launch = claim(api)
-    return wid, launch, weblog_url(launch["argv"])
+    return wid, launch, weblog_target(launch)
 
 
 def run_json(api, wid, run_id):
@@ -71,7 +66,7 @@ def test_a_forged_session_id_never_reaches_the_command_line(stand):
     api.post("/api/workflows/%d/schedule" % wid)
     run = wait_for(lambda: api.get("/api/workflows/%d" % wid).json()["workflow"]["run"], message="the run")
     real = wait_for(lambda: run_json(api, wid, run["id"])["session_id"], message="nextflow's started event")
-    target = weblog_url(worker.records()["nfapi-run-%d" % run["id"]]["argv"])
+    target = recorded_weblog_target(worker.records()["nfapi-run-%d" % run["id"]])
     for forged in ("--outdir=/elsewhere", real.upper(), real + " --outdir=/elsewhere", " " + real, "last", ""):
         assert post(api, target, {"runId": forged, "event": "started", "runName": "forged"}).status == 200
         assert run_json(api, wid, run["id"])["session_id"] == real, forged
@@ -129,12 +124,12 @@ def log(api, wid, offset=0, which="console"):
 
 
 def test_logs_never_show_the_weblog_secret_or_the_tokens(stand):
-    worker = stand.worker()
+    worker = stand.worker(env={"NXF_VER": "23.04.0"})  # its weblog URL, in .nextflow.log, holds the secret
     api = stand.client()
     wid = ready_workflow(api)
     api.post("/api/workflows/%d/schedule" % wid)
     run = wait_final(api, wid)["run"]
-    secret = secret_of(weblog_url(worker.records()["nfapi-run-%d" % run["id"]]["argv"]))
+    secret = secret_of(recorded_weblog_target(worker.records()["nfapi-run-%d" % run["id"]]))
     run_dir = os.path.join(stand.data, "runs", str(run["id"]))
     with open(os.path.join(run_dir, "nextflow.log"), "rb") as f:
         assert secret.encode() in f.read(), "nextflow writes its weblog URL into .nextflow.log"
@@ -200,7 +195,7 @@ def test_posts_after_the_run_ended_write_nothing(stand):
     wid = ready_workflow(api)
     api.post("/api/workflows/%d/schedule" % wid)
     run = wait_final(api, wid)["run"]
-    target = weblog_url(worker.records()["nfapi-run-%d" % run["id"]]["argv"])
+    target = recorded_weblog_target(worker.records()["nfapi-run-%d" % run["id"]])
     # Nextflow's last posts may cross the worker's report: they are taken for a short while.
     assert post(api, target, trace(1000, "COMPLETED")).status == 200
     wait_for(lambda: post(api, target, trace(1000, "COMPLETED")).status == 409, message="the secret to expire")
