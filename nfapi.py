@@ -9,12 +9,16 @@ arguments and schedule a *run*. A worker (nfapi_worker.py) claims queued runs ov
 `nextflow run`; Nextflow reports every task back through its weblog to
 `POST /api/workflows/<id>/nextflow-log`.
 
+When a run ends, the server can POST a signed JSON webhook and send e-mail (`notify` in the
+configuration); `POST .../runs/<run id>/relaunch` repeats a past run exactly. A pipeline may pin
+its Nextflow version (`nextflow_version`, given to nextflow as NXF_VER).
+
 Every request needs `Authorization: Bearer <token>`. The token comes from $NFAPI_TOKEN, else from
 `<data>/api-token` (created on first start, mode 0600). Nextflow's weblog posts carry a per-run
 secret instead, which works for that run only.
 
 Data layout under --data (created 0700, files 0600):
-    nfapi.sqlite3        workflows, runs and tasks (SQLite in WAL mode)
+    nfapi.sqlite3        workflows, runs, tasks and notifications (SQLite in WAL mode)
     api-token            the API token, unless $NFAPI_TOKEN is set
     workflows/<id>/      the workflow's files: everything the file endpoints show
     launch/<id>/         where nextflow runs for this workflow (.nextflow/, work/, .nextflow.log)
@@ -2665,6 +2669,12 @@ class Courier:
     def __init__(self, app):
         self.app = app
         self.wake = threading.Event()
+        self.thread = threading.Thread(target=self.deliver_forever, name="notifications", daemon=True)
+
+    def finish(self, timeout=5.0):
+        """Let a stopping server's attempt in progress end and be recorded, for up to `timeout` seconds."""
+        self.wake.set()
+        self.thread.join(timeout)
 
     def deliver_forever(self):
         while not self.app.stopping.is_set():
@@ -2672,28 +2682,32 @@ class Courier:
             try:
                 pause = self.deliver_due()
             except sqlite3.Error:
-                traceback.print_exc()
+                if not self.app.stopping.is_set():  # else finish() gave up on an attempt: it is made after a restart
+                    traceback.print_exc()
                 pause = 5.0
             self.wake.wait(pause)
 
     def deliver_due(self):
-        """Make every attempt that is due; return the seconds until the next one is (None: none waits)."""
-        for delivery in self.claim_due():
+        """Make the attempts that are due; return the seconds until the next one is (None: none waits)."""
+        while not self.app.stopping.is_set():
+            delivery = self.claim_due()
+            if delivery is None:
+                break
             self.record(delivery, self.attempt(delivery))
         with self.app.db.connection() as conn:
             next_at = conn.execute("SELECT min(next_at) FROM deliveries WHERE status = 'pending'").fetchone()[0]
         return None if next_at is None else max(0.0, next_at - time.time())
 
     def claim_due(self):
-        """The deliveries due now, each with this attempt counted and the next one scheduled."""
+        """The oldest delivery due, with this attempt counted and the next one scheduled; None if none is."""
         waits, now = self.app.config["notify"]["retry_after_seconds"], time.time()
         with self.app.db.write() as conn:
-            due = conn.execute("SELECT * FROM deliveries WHERE status = 'pending' AND next_at <= ? "
-                               "ORDER BY next_at, id LIMIT 100", (now,)).fetchall()
-            for delivery in due:
+            delivery = conn.execute("SELECT * FROM deliveries WHERE status = 'pending' AND next_at <= ? "
+                                    "ORDER BY next_at, id LIMIT 1", (now,)).fetchone()
+            if delivery is not None:
                 conn.execute("UPDATE deliveries SET attempts = attempts + 1, next_at = ? WHERE id = ?",
                              (now + waits[min(delivery["attempts"], len(waits) - 1)], delivery["id"]))
-        return due
+        return delivery
 
     def attempt(self, delivery):
         """Send one delivery; return None when the receiver took it, else why not."""
@@ -3832,7 +3846,7 @@ class App:
         self.courier = Courier(self)
         self.reconcile()
         threading.Thread(target=self.reap_forever, name="lease-reaper", daemon=True).start()
-        threading.Thread(target=self.courier.deliver_forever, name="notifications", daemon=True).start()
+        self.courier.thread.start()
 
     def workflow_dir(self, workflow_id):
         return os.path.join(self.data_dir, "workflows", str(workflow_id))
@@ -3972,6 +3986,7 @@ def main(argv=None):
     finally:
         app.stopping.set()
         server.server_close()
+        app.courier.finish()
         app.db.close()
 
 

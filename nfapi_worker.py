@@ -3,6 +3,7 @@
 
     NFAPI_TOKEN=... python3 nfapi_worker.py --server http://127.0.0.1:8000 [--slots N] [--nextflow PATH]
     python3 nfapi_worker.py --server http://login1:8000 --token-file nfapi-data/api-token
+    python3 nfapi_worker.py --check --server http://login1:8000    # is this node ready to run?
 
 The worker talks to the server over HTTP only (it never opens the database), so it can run on
 another node that shares the data folder, and several workers can serve one server. It long-polls
@@ -14,13 +15,13 @@ answers as `gone` (it gave up on it) has its nextflow stopped at once.
 
 Nextflow gets the launch the server built: the argv after the binary (user values are only in the
 params file, where `$` is written `\\u0024` so Nextflow replaces no `${...}` in them), its launch
-folder as cwd, umask 077, and the worker's environment minus NFAPI_TOKEN. Its stdout and stderr go
-to the run's console.log. It runs in its own process group and gets SIGTERM if the worker dies
-(Linux). It holds a lock on its launch folder for as long as it runs, even past the worker: a
-launch whose folder is locked is refused, so a workflow never has two nextflow at once. Cancelling
-sends SIGTERM (nextflow then kills its tasks and reports them ABORTED), then SIGKILL to the whole
-group after --grace seconds. SIGTERM or Ctrl-C on the worker withdraws its claim poll, stops all its
-runs that way and reports them before exiting.
+folder as cwd, umask 077, and the worker's environment minus NFAPI_TOKEN, with NXF_VER when the
+pipeline pins a Nextflow version. Its stdout and stderr go to the run's console.log. It runs in its
+own process group and gets SIGTERM if the worker dies (Linux). It holds a lock on its launch folder
+for as long as it runs, even past the worker: a launch whose folder is locked is refused, so a
+workflow never has two nextflow at once. Cancelling sends SIGTERM (nextflow then kills its tasks and
+reports them ABORTED), then SIGKILL to the whole group after --grace seconds. SIGTERM or Ctrl-C on
+the worker withdraws its claim poll, stops all its runs that way and reports them before exiting.
 """
 
 import argparse
@@ -53,7 +54,8 @@ PR_SET_PDEATHSIG = 1
 LAUNCH_LOCK = ".nfapi-launch.lock"
 # The only session id the worker puts after -resume: anything else would be an option of its own.
 SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-PINNED_VERSION = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.]+)?")  # as nfapi.py checks a pipeline's
+# A pinned Nextflow version, as nfapi.py accepts one in its configuration: only that goes in NXF_VER.
+PINNED_VERSION = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.]+)?")
 
 
 def log(message, *args):
@@ -159,10 +161,10 @@ def pinned_version_problem(version, env):
     if not isinstance(version, str) or not PINNED_VERSION.fullmatch(version):
         return "the server pinned a Nextflow version that is not one (%r); nextflow was not started" % (version,)
     if env.get("NXF_OFFLINE") == "true" and not has_framework(env, version):
-        return ("this pipeline is pinned to Nextflow %s, which is not in %s, and NXF_OFFLINE=true forbids "
-                "downloading it; nextflow was not started. Fetch it once on a node with internet access and the "
-                "same NXF_HOME: NXF_VER=%s nextflow -version" % (version, os.path.join(nextflow_home(env), "framework"),
-                                                                 version))
+        framework = os.path.join(nextflow_home(env), "framework")
+        return ("this pipeline is pinned to Nextflow %s, which is not in %s, and NXF_OFFLINE=true forbids downloading "
+                "it; nextflow was not started. Fetch it once on a node with internet access and the same NXF_HOME: "
+                "NXF_VER=%s nextflow -version" % (version, framework, version))
     return None
 
 
@@ -499,6 +501,7 @@ WEBLOG_PLUGIN = (((23, 10), "1.1.2"), ((23, 7), "1.0.0"))
 CHECK_TIMEOUT = 120  # seconds for `nextflow -version` (the launcher may download Nextflow first)
 SHARED_DATA_FIX = ("mount the server's data folder on this node at the same path (%s), and run the worker as the "
                    "user that runs the server")
+AHEAD = " (on a node with internet access, with the same NXF_HOME)"
 
 
 class Report:
@@ -613,7 +616,7 @@ def check_weblog_plugin(report, env, nextflow_version):
         report.ok("nf-weblog", "%s in %s" % (found[-1], folder))
     elif env.get("NXF_OFFLINE") == "true":
         report.problem("nf-weblog", "not in %s, and NXF_OFFLINE=true stops Nextflow from downloading it: runs would "
-                       "report no progress" % folder, "%s (with internet access, same NXF_HOME)" % install)
+                       "report no progress" % folder, install + AHEAD)
     else:
         report.warn("nf-weblog", "not in %s: Nextflow downloads it at the first run" % folder,
                     "if compute nodes are offline or NXF_OFFLINE=true, install it ahead: %s" % install)
@@ -673,7 +676,6 @@ def check_data_folder(report, info):
 
 def check_pipeline(report, name, pipeline, env):
     label = "pipeline %s" % name
-    offline = env.get("NXF_OFFLINE") == "true"
     if "script" in pipeline:
         if os.path.isfile(pipeline["script"]):
             report.ok(label, pipeline["script"])
@@ -681,13 +683,13 @@ def check_pipeline(report, name, pipeline, env):
             report.problem(label, "%s is not on this node" % pipeline["script"], "make the pipeline's folder "
                            "available on this node at the same path")
     else:
-        check_remote_pipeline(report, label, pipeline, env, offline)
+        check_remote_pipeline(report, label, pipeline, env)
     version = pipeline.get("nextflow_version")
     if version:
-        problem = pinned_version_problem(version, env)
-        fetch = "NXF_VER=%s nextflow -version (with internet access, same NXF_HOME)" % version
-        if problem:
-            report.problem(label, "pinned to Nextflow %s, which is not here and NXF_OFFLINE=true" % version, fetch)
+        fetch = "NXF_VER=%s nextflow -version" % version
+        if pinned_version_problem(version, env):
+            report.problem(label, "pinned to Nextflow %s, which is not here and NXF_OFFLINE=true" % version,
+                           fetch + AHEAD)
         elif has_framework(env, version):
             report.ok(label, "pinned to Nextflow %s, which is here" % version)
         else:
@@ -695,16 +697,16 @@ def check_pipeline(report, name, pipeline, env):
                         "if compute nodes are offline, fetch it ahead: %s" % fetch)
 
 
-def check_remote_pipeline(report, label, pipeline, env, offline):
+def check_remote_pipeline(report, label, pipeline, env):
     """A remote pipeline runs from Nextflow's assets ($NXF_ASSETS or $NXF_HOME/assets/<org>/<name>)."""
     project = "/".join(re.sub(r"\.git$", "", pipeline["pipeline"]).rstrip("/").split("/")[-2:])
     folder = os.path.join(env.get("NXF_ASSETS") or os.path.join(nextflow_home(env), "assets"), project)
     pull = "nextflow pull " + pipeline["pipeline"] + (" -r " + pipeline["revision"] if "revision" in pipeline else "")
     if os.path.isdir(folder):
         report.ok(label, "%s is in %s" % (pipeline["pipeline"], folder))
-    elif offline:
+    elif env.get("NXF_OFFLINE") == "true":
         report.problem(label, "%s is not in %s, and NXF_OFFLINE=true stops Nextflow from pulling it"
-                       % (pipeline["pipeline"], folder), "%s (with internet access, same NXF_HOME)" % pull)
+                       % (pipeline["pipeline"], folder), pull + AHEAD)
     else:
         report.warn(label, "%s is not in %s: Nextflow pulls it at the first run" % (pipeline["pipeline"], folder),
                     "if compute nodes are offline, pull it ahead: %s" % pull)
