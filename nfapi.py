@@ -2795,8 +2795,12 @@ def send_email(mail, recipients, message):
     msg = email_message(mail["from"], recipients, message)
     if "smtp" in mail:
         host, _, port = mail["smtp"].rpartition(":")
-        with smtplib.SMTP(host.strip("[]"), int(port), timeout=NOTIFY_TIMEOUT) as smtp:
-            smtp.send_message(msg)
+        try:
+            with smtplib.SMTP(host.strip("[]"), int(port), timeout=NOTIFY_TIMEOUT) as smtp:
+                smtp.send_message(msg)
+        except smtplib.SMTPResponseException as e:
+            answer = e.smtp_error.decode("utf-8", "replace")
+            raise DeliveryFailed("the SMTP server answered %d %s" % (e.smtp_code, answer))
         return
     done = subprocess.run([mail["sendmail"], "-t", "-oi"], input=msg.as_bytes(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, timeout=NOTIFY_TIMEOUT)
