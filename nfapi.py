@@ -2726,6 +2726,9 @@ class Courier:
                 send_email(notify["email"], delivery["target"].split(", "), message)
         except (OSError, http.client.HTTPException, subprocess.SubprocessError, DeliveryFailed, ApiError) as e:
             return (str(e) or type(e).__name__)[:MAX_WEBLOG_TEXT]
+        except Exception:
+            traceback.print_exc()  # a bug: the attempt fails like any other, the thread goes on
+            return "nfapi could not send it (see the server's log)"
         return None
 
     def record(self, delivery, error):
@@ -2799,7 +2802,7 @@ def send_email(mail, recipients, message):
             with smtplib.SMTP(host.strip("[]"), int(port), timeout=NOTIFY_TIMEOUT) as smtp:
                 smtp.send_message(msg)
         except smtplib.SMTPResponseException as e:
-            answer = e.smtp_error.decode("utf-8", "replace")
+            answer = e.smtp_error.decode("utf-8", "replace") if isinstance(e.smtp_error, bytes) else e.smtp_error
             raise DeliveryFailed("the SMTP server answered %d %s" % (e.smtp_code, answer))
         return
     done = subprocess.run([mail["sendmail"], "-t", "-oi"], input=msg.as_bytes(), stdout=subprocess.DEVNULL,
