@@ -9,13 +9,17 @@ arguments and schedule a *run*. A worker (nfapi_worker.py) claims queued runs ov
 `nextflow run`; Nextflow reports every task back through its weblog to
 `POST /api/workflows/<id>/nextflow-log`.
 
+When a run ends, the server can POST a signed JSON webhook and send e-mail (`notify` in the
+configuration); `POST .../runs/<run id>/relaunch` repeats a past run exactly. A pipeline may pin
+its Nextflow version (`nextflow_version`, given to nextflow as NXF_VER).
+
 Every request needs `Authorization: Bearer <token>`. The token comes from $NFAPI_TOKEN, else from
 `<data>/api-token` (created on first start, mode 0600). Nextflow's weblog posts carry a per-run
 secret instead, which works for that run only. Two routes need neither: the web page at `/`
 (nfapi_ui.html beside this file; it holds no data) and short-lived download links.
 
 Data layout under --data (created 0700, files 0600):
-    nfapi.sqlite3        workflows, runs and tasks (SQLite in WAL mode)
+    nfapi.sqlite3        workflows, runs, tasks and notifications (SQLite in WAL mode)
     api-token            the API token, unless $NFAPI_TOKEN is set
     lock                 held (flock) by the one server using this folder; its pid inside
     server.json          the running server's url, host, port and pid (removed when it stops)
@@ -45,6 +49,7 @@ import fnmatch
 import functools
 import hashlib
 import hmac
+import http.client
 import http.server
 import json
 import math
@@ -54,11 +59,13 @@ import secrets
 import select
 import shutil
 import signal
+import smtplib
 import socket
 import socketserver
 import sqlite3
 import stat
 import struct
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -113,6 +120,17 @@ TEMP_PREFIX = ".nfapi-"
 # A trace line is about 500 bytes: the cap holds a run of max_tasks_per_run tasks.
 MAX_TRACE_BYTES, MAX_TRACE_LINE_BYTES = 1024 * 1024 * 1024, 64 * 1024
 TRACE_BATCH = 10000  # trace rows written per write transaction, so that weblog posts never wait long
+# A Nextflow version an operator pins (NXF_VER), e.g. 24.10.4 or 24.11.0-edge, as Nextflow's launcher accepts it.
+PINNED_VERSION = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.]+)?")
+# What a `started` weblog post may record of what ran: a version, and a git commit (which a relaunch
+# puts after -r: only hex digits, which cannot be read as an option).
+REPORTED_VERSION = re.compile(r"[0-9A-Za-z.\-]{1,40}")
+COMMIT_ID = re.compile(r"[0-9a-fA-F]{7,64}")
+# One e-mail address, without a display name: nothing that could end a header or add a recipient.
+EMAIL_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                           r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+MAX_NOTIFY_EMAILS = 20  # a workflow's own recipients
+RETRY_AFTER_SECONDS = [30, 90, 180, 300]  # a notification is tried 5 times over 10 minutes
 
 
 # ==== Errors ====
@@ -173,7 +191,7 @@ def load_config(path):
     """Read and check the JSON configuration; raise ConfigError naming the key that is wrong."""
     raw = read_json_file(path, [], named=False)
     expect(raw, dict, [], "an object")
-    known = set(DEFAULTS) | {"nextflow_workflows", "cors_origins"}
+    known = set(DEFAULTS) | {"nextflow_workflows", "cors_origins", "notify"}
     for key in raw:
         if key not in known:
             raise ConfigError([key], "unknown setting (known: %s)" % ", ".join(sorted(known)))
@@ -192,6 +210,7 @@ def load_config(path):
     expect(pipelines, dict, ["nextflow_workflows"], "an object of pipelines by name")
     config["pipelines"] = {name: load_pipeline(spec, base, ["nextflow_workflows", name])
                            for name, spec in pipelines.items()}
+    config["notify"] = load_notify(raw.get("notify", {}))
     return config
 
 
@@ -214,7 +233,8 @@ def expect(value, kind, where, description):
 
 def load_pipeline(spec, base, where):
     expect(spec, dict, where, "an object")
-    known = {"directory", "script", "pipeline", "revision", "nextflow_parameters", "args", "schema", "include_hidden"}
+    known = {"directory", "script", "pipeline", "revision", "nextflow_version", "nextflow_parameters", "args", "schema",
+             "include_hidden"}
     for key in spec:
         if key not in known:
             raise ConfigError(where + [key], "unknown key (known: %s)" % ", ".join(sorted(known)))
@@ -237,6 +257,11 @@ def load_pipeline(spec, base, where):
         if not os.path.isfile(script):
             raise ConfigError(where + ["script"], "no such file: %s" % script)
         pipeline.update(directory=directory, script=script)
+    if "nextflow_version" in spec:
+        version = spec["nextflow_version"]
+        if not isinstance(version, str) or not PINNED_VERSION.fullmatch(version):
+            raise ConfigError(where + ["nextflow_version"], "must be a Nextflow version such as 24.10.4")
+        pipeline["nextflow_version"] = version
     params = spec.get("nextflow_parameters", [])
     if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
         raise ConfigError(where + ["nextflow_parameters"], "must be a list of strings")
@@ -366,6 +391,75 @@ def string_problem(definition, value):
     if len(value) > definition.get("max_length", len(value)):
         return "must be at most %d characters" % definition["max_length"]
     return None
+
+
+def load_notify(raw):
+    """`notify`: where the server reports each run that ends (see Webhooks and e-mail)."""
+    where = ["notify"]
+    expect(raw, dict, where, "an object with `webhooks` and/or `email`")
+    known = ("webhooks", "email", "retry_after_seconds")
+    for key in raw:
+        if key not in known:
+            raise ConfigError(where + [key], "unknown key (known: %s)" % ", ".join(known))
+    hooks = raw.get("webhooks", [])
+    expect(hooks, list, where + ["webhooks"], "a list of {\"url\": ..., \"secret\": ...}")
+    webhooks = [load_webhook(hook, where + ["webhooks", str(i)]) for i, hook in enumerate(hooks)]
+    urls = [hook["url"] for hook in webhooks]
+    if len(set(urls)) < len(urls):
+        raise ConfigError(where + ["webhooks"], "lists a URL twice")
+    retry = raw.get("retry_after_seconds", RETRY_AFTER_SECONDS)
+    if not isinstance(retry, list) or not 0 < len(retry) <= 20 or not all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s <= 86400 for s in retry):
+        raise ConfigError(where + ["retry_after_seconds"], "must be a list of 1 to 20 waits in seconds (each "
+                                                           "up to 86400) between the tries of a notification")
+    mail = raw.get("email")
+    return {"webhooks": webhooks, "email": None if mail is None else load_email(mail, where + ["email"]),
+            "retry_after_seconds": retry}
+
+
+def load_webhook(hook, where):
+    expect(hook, dict, where, "an object with `url` and `secret`")
+    for key in hook:
+        if key not in ("url", "secret"):
+            raise ConfigError(where + [key], "unknown key (known: url, secret)")
+    url = hook.get("url")
+    if not isinstance(url, str) or not re.fullmatch(r"https?://[^/?#@\x00-\x20\x7f]+([/?][^\x00-\x20\x7f]*)?", url) or \
+            not urllib.parse.urlsplit(url).hostname:
+        raise ConfigError(where + ["url"], "must be an http:// or https:// URL")
+    secret = hook.get("secret")
+    if not isinstance(secret, str) or not secret:
+        raise ConfigError(where + ["secret"], "must be a string: the key of each notification's HMAC-SHA256 "
+                                              "signature (X-Nfapi-Signature), so the receiver can check it")
+    return {"url": url, "secret": secret}
+
+
+def load_email(mail, where):
+    expect(mail, dict, where, "an object with `smtp` or `sendmail`, `from` and `to`")
+    for key in mail:
+        if key not in ("smtp", "sendmail", "from", "to"):
+            raise ConfigError(where + [key], "unknown key (known: smtp, sendmail, from, to)")
+    if ("smtp" in mail) == ("sendmail" in mail):
+        raise ConfigError(where, "give either `smtp` (\"host:port\") or `sendmail` (its path), not both")
+    if "smtp" in mail:
+        m = isinstance(mail["smtp"], str) and re.fullmatch(r"([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})",
+                                                           mail["smtp"])
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise ConfigError(where + ["smtp"], "must be \"host:port\", such as \"localhost:25\"")
+    else:
+        path = mail["sendmail"]
+        if not isinstance(path, str) or not os.path.isabs(path) or not os.access(path, os.X_OK):
+            raise ConfigError(where + ["sendmail"], "must be the absolute path of a sendmail program, "
+                                                    "such as /usr/sbin/sendmail")
+    if not is_email_address(mail.get("from")):
+        raise ConfigError(where + ["from"], "must be an e-mail address such as nfapi@example.org")
+    recipients = mail.get("to", [])
+    if not isinstance(recipients, list) or not all(is_email_address(r) for r in recipients):
+        raise ConfigError(where + ["to"], "must be a list of e-mail addresses such as team@example.org")
+    return dict(mail, to=recipients)
+
+
+def is_email_address(value):
+    return isinstance(value, str) and len(value) <= 254 and EMAIL_ADDRESS.fullmatch(value) is not None
 
 
 # ==== nextflow_schema.json ====
@@ -528,6 +622,29 @@ MIGRATIONS = [
     UPDATE runs SET confirmed_at = started_at WHERE status = 'running';
     UPDATE runs SET session_id = NULL WHERE session_id NOT GLOB '%s';
     """ % "-".join("[0-9a-f]" * n for n in (8, 4, 4, 4, 12)),
+    # What a run asked for (revision, pinned_nextflow_version: a relaunch repeats them) and what ran
+    # (nextflow_version, commit_id); a workflow's own e-mail recipients; and the notifications sent
+    # when a run ends, one row per run and channel, so that a restart neither loses nor repeats one.
+    """
+    ALTER TABLE runs ADD COLUMN revision TEXT;
+    ALTER TABLE runs ADD COLUMN pinned_nextflow_version TEXT;
+    ALTER TABLE runs ADD COLUMN nextflow_version TEXT;
+    ALTER TABLE runs ADD COLUMN commit_id TEXT;
+    ALTER TABLE workflows ADD COLUMN notify_email TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        channel TEXT NOT NULL,
+        target TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        last_error TEXT,
+        sent_at REAL,
+        UNIQUE (run_id, channel, target)
+    );
+    CREATE INDEX deliveries_due ON deliveries(next_at) WHERE status = 'pending';
+    """,
 ]
 
 
@@ -1289,9 +1406,10 @@ def no_workflow(workflow_id):
 
 RUN_COLUMNS = ("status", "pipeline", "created_at", "started_at", "finished_at", "exit_code", "error_message",
                "submitted", "completed", "failed", "cached", "resume", "nextflow_run_name", "session_id", "worker",
-               "command", "console_tail", "tasks_truncated", "late_report")
+               "command", "console_tail", "tasks_truncated", "late_report", "revision", "pinned_nextflow_version",
+               "nextflow_version", "commit_id")
 WORKFLOW_SELECT = """
-    SELECT w.id, w.name, w.nextflow_workflow, w.nextflow_arguments, r.id AS run_id, %s
+    SELECT w.id, w.name, w.nextflow_workflow, w.nextflow_arguments, w.notify_email, r.id AS run_id, %s
     FROM workflows w""" % ", ".join("r." + c for c in RUN_COLUMNS) + """
     LEFT JOIN runs r ON r.id = (SELECT max(id) FROM runs WHERE workflow_id = w.id)
 """
@@ -1321,6 +1439,7 @@ def workflow_json(row):
         "is_scheduled": row["status"] in ACTIVE_RUN_STATES,
         "status": row["status"],
         "run": run,
+        "notify_email": json.loads(row["notify_email"]),
     }
 
 
@@ -1491,28 +1610,46 @@ def answer_when_ended(req, workflow_id, read):
 
 
 def workflow_update(req, id):
-    """Choose the pipeline and set argument values (not while a run is active)."""
+    """Choose the pipeline, set argument values and the workflow's own e-mail recipients (not while a
+    run is active)."""
     body = req.json()
     pipelines = req.app.config["pipelines"]
     given = body.get("nextflow_arguments", {})
     if not isinstance(given, dict):
         raise ApiError(422, "nextflow_arguments", "must be an object of arguments by name")
+    recipients = notify_email_of(req.app, body)
     with req.app.db.write() as conn:
         row = workflow_row(conn, id)
         refuse_if_active(conn, id, "change a workflow")
+        if recipients is not None:
+            conn.execute("UPDATE workflows SET notify_email = ? WHERE id = ?", (json.dumps(recipients), id))
         name = body.get("nextflow_workflow", row["nextflow_workflow"])
-        if not isinstance(name, str) or name not in pipelines:
-            if "nextflow_workflow" in body:
-                raise ApiError(422, "nextflow_workflow", "unknown pipeline (see /api/nextflow-workflows)")
-            if given:
-                raise ApiError(422, "nextflow_workflow", "choose a pipeline before setting its arguments")
-            return 200, {}
-        stored = json.loads(row["nextflow_arguments"]) if name == row["nextflow_workflow"] else {}
-        merged = merge_arguments(pipelines[name]["dynamic"], stored, given)
-        conn.execute("UPDATE workflows SET nextflow_workflow = ?, nextflow_arguments = ? WHERE id = ?",
-                     (name, json.dumps(merged), id))
+        if isinstance(name, str) and name in pipelines:
+            stored = json.loads(row["nextflow_arguments"]) if name == row["nextflow_workflow"] else {}
+            merged = merge_arguments(pipelines[name]["dynamic"], stored, given)
+            conn.execute("UPDATE workflows SET nextflow_workflow = ?, nextflow_arguments = ? WHERE id = ?",
+                         (name, json.dumps(merged), id))
+        elif "nextflow_workflow" in body:
+            raise ApiError(422, "nextflow_workflow", "unknown pipeline (see /api/nextflow-workflows)")
+        elif given:
+            raise ApiError(422, "nextflow_workflow", "choose a pipeline before setting its arguments")
     req.app.changes.notify(id)
     return 200, {}
+
+
+def notify_email_of(app, body):
+    """The workflow's own e-mail recipients an update sets (each once), or None when it sets none."""
+    if "notify_email" not in body:
+        return None
+    recipients = body["notify_email"]
+    if not isinstance(recipients, list) or len(recipients) > MAX_NOTIFY_EMAILS or \
+            not all(is_email_address(r) for r in recipients):
+        raise ApiError(422, "notify_email", "must be a list of up to %d e-mail addresses such as ada@example.org "
+                                            "(an empty list removes them)" % MAX_NOTIFY_EMAILS)
+    if recipients and app.config["notify"]["email"] is None:
+        raise ApiError(422, "notify_email", "this server sends no e-mail: its operator has not set notify.email "
+                                            "in the configuration")
+    return list(dict.fromkeys(recipients))
 
 
 def workflow_delete(req, id):
@@ -1689,18 +1826,24 @@ def workflow_schedule(req, id):
     # workflow is still what was checked.
     with req.db() as conn:
         checked, name, arguments, params, session = prepare_run(req.app, conn, id, resume)
+    pipeline = req.app.config["pipelines"][name]
     with req.app.db.write() as conn:
         refuse_if_active(conn, id, "schedule a workflow")
         if tuple(workflow_row(conn, id)) != tuple(checked):
             raise ApiError(409, "workflow", "the workflow changed while it was being scheduled; try again")
-        run_id = conn.execute(
-            "INSERT INTO runs (workflow_id, status, pipeline, arguments, params, resume, resume_session, "
-            "secret, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-            (id, name, json.dumps(arguments), json.dumps(params), int(resume), session,
-             secrets.token_urlsafe(24), time.time())).lastrowid
+        run_id = queue_run(conn, id, pipeline=name, arguments=json.dumps(arguments), params=json.dumps(params),
+                  resume=int(resume), resume_session=session, revision=pipeline.get("revision"),
+                  pinned_nextflow_version=pipeline.get("nextflow_version"))
         run = run_json(conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone(), run_id)
     req.app.changes.notify(id, QUEUED_RUNS)
     return 200, {"is_scheduled": True, "run": run}
+
+
+def queue_run(conn, workflow_id, **columns):
+    """Insert a queued run with these columns and a new weblog secret; return its id."""
+    columns.update(workflow_id=workflow_id, status="queued", secret=secrets.token_urlsafe(24), created_at=time.time())
+    return conn.execute("INSERT INTO runs (%s) VALUES (%s)" % (", ".join(columns), ", ".join("?" * len(columns))),
+                        list(columns.values())).lastrowid
 
 
 def workflow_command(req, id):
@@ -1728,13 +1871,18 @@ def prepare_run(app, conn, workflow_id, resume):
     if pipeline is None:
         raise ApiError(422, "nextflow_workflow", "choose a pipeline first")
     arguments = merge_arguments(pipeline["dynamic"], json.loads(row["nextflow_arguments"]), {})
+    check_launchable(app, workflow_id, arguments)
+    session = resume_session(conn, workflow_id) if resume else None
+    return row, name, arguments, nextflow_params(pipeline, arguments, app.workflow_dir(workflow_id)), session
+
+
+def check_launchable(app, workflow_id, arguments):
+    """Raise 422 with one message per argument that is missing, invalid or not on disk."""
     with app.open_workflow_folder(workflow_id) as root:
         errors = {arg: [problem] for arg, problem in
                   ((arg, launch_problem(definition, root, arg)) for arg, definition in arguments.items()) if problem}
     if errors:
         raise ApiError.of(422, errors)
-    session = resume_session(conn, workflow_id) if resume else None
-    return row, name, arguments, nextflow_params(pipeline, arguments, app.workflow_dir(workflow_id)), session
 
 
 def launch_problem(definition, root, name):
@@ -1810,6 +1958,7 @@ def workflow_cancel(req, id):
         if run["status"] == "queued":
             conn.execute("UPDATE runs SET status = 'cancelled', finished_at = ?, error_message = ? "
                          "WHERE id = ? AND status = 'queued'", (now, "cancelled before it started", run["id"]))
+            queue_notifications(req.app, conn, [run["id"]])
         else:
             conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ? AND status = 'running'", (run["id"],))
         workflow = load_workflow(conn, id)
@@ -1852,6 +2001,7 @@ def workflow_finished(req, id):
             conn.execute("UPDATE runs SET status = ?, finished_at = ?, exit_code = ?, error_message = ?, "
                          "console_tail = ?, lease_until = NULL WHERE id = ? AND status = 'running'",
                          (status, now, exit_code, error, tail, run_id))
+            queue_notifications(req.app, conn, [run_id])
     if run["status"] == "lost":
         req.app.changes.notify(QUEUED_RUNS)  # the workflow's next run no longer waits for this one (claim_next_run)
     req.app.changes.notify(id)
@@ -1971,6 +2121,7 @@ def record_weblog(app, conn, run, message):
         if isinstance(session, str) and SESSION_ID.fullmatch(session):
             conn.execute("UPDATE runs SET nextflow_run_name = ?, session_id = ? WHERE id = ?",
                          (text_or_none(message.get("runName")), session, run["id"]))
+        record_what_ran(conn, run["id"], message)
     elif event == "completed":
         metadata = message.get("metadata") if isinstance(message.get("metadata"), dict) else {}
         workflow = metadata.get("workflow") if isinstance(metadata.get("workflow"), dict) else {}
@@ -1981,6 +2132,29 @@ def record_weblog(app, conn, run, message):
         conn.execute("UPDATE runs SET nextflow_success = ?, nextflow_error = ?, cached = ? WHERE id = ?",
                      (int(success) if isinstance(success, bool) else None, text_or_none(workflow.get("errorMessage")),
                       cached, run["id"]))
+
+
+def record_what_ran(conn, run_id, message):
+    """The Nextflow version and, for a remote pipeline, the git commit that a `started` post reports
+    (metadata.workflow.nextflow.version and metadata.workflow.commitId, NEXTFLOW.md 1.7 and 1.8)."""
+    version = reported(message, "metadata", "workflow", "nextflow", "version")
+    commit = reported(message, "metadata", "workflow", "commitId")
+    conn.execute("UPDATE runs SET nextflow_version = coalesce(?, nextflow_version), commit_id = coalesce(?, commit_id) "
+                 "WHERE id = ?", (version if matches(REPORTED_VERSION, version) else None,
+                                  commit if matches(COMMIT_ID, commit) else None, run_id))
+
+
+def reported(message, *keys):
+    """message[key][key]...: None where a level is missing or is not an object."""
+    for key in keys:
+        if not isinstance(message, dict):
+            return None
+        message = message.get(key)
+    return message
+
+
+def matches(pattern, value):
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
 
 
 def record_task(app, conn, run, trace):
@@ -2167,8 +2341,9 @@ def claim_next_run(app, worker, host):
             if pipeline is None:
                 conn.execute("UPDATE runs SET status = 'failed', finished_at = ?, error_message = ? WHERE id = ?",
                              (now, "the pipeline %r is no longer configured" % run["pipeline"], run["id"]))
+                queue_notifications(app, conn, [run["id"]])
                 continue
-            launch = launch_spec(app, run, pipeline, host)
+            launch = launch_spec(app, run, as_scheduled(pipeline, run), host)
             launch.update(claim_secret=secrets.token_urlsafe(24),
                           claim_confirm_seconds=app.config["claim_confirm_seconds"])
             claimed = conn.execute(
@@ -2225,7 +2400,33 @@ def launch_spec(app, run, pipeline, host):
             "params": json.loads(run["params"]), "params_file": params_file, "run_dir": run_dir,
             "config_file": config_file, "config": run_config(run_dir, weblog, run["secret"], True),
             "config_url_token": run_config(run_dir, weblog, run["secret"], False),
-            "console_log": os.path.join(run_dir, "console.log"), "lease_seconds": app.config["lease_seconds"]}
+            "console_log": os.path.join(run_dir, "console.log"), "lease_seconds": app.config["lease_seconds"],
+            "nextflow_version": pipeline.get("nextflow_version")}
+
+
+def as_scheduled(pipeline, run):
+    """The pipeline with the revision and Nextflow version the run was queued with (a relaunch repeats
+    those of the run it repeats); the configuration's for runs queued before they were recorded."""
+    pipeline = dict(pipeline)
+    if run["revision"] and "pipeline" in pipeline:
+        pipeline["revision"] = run["revision"]
+    if run["pinned_nextflow_version"]:
+        pipeline["nextflow_version"] = run["pinned_nextflow_version"]
+    return pipeline
+
+
+def worker_check(req):
+    """What `nfapi_worker.py --check` compares with what its node sees: the data folder's paths, and
+    what each pipeline needs to launch."""
+    app = req.app
+    pipelines = {name: {key: pipeline[key] for key in ("script", "pipeline", "revision", "nextflow_version")
+                        if key in pipeline}
+                 for name, pipeline in app.config["pipelines"].items()}
+    # The data folder's inode tells the worker whether the folder at that path on its node is this one.
+    return 200, {"data_dir": app.data_dir, "data_dir_inode": os.stat(app.data_dir).st_ino,
+                 "workflows_dir": os.path.dirname(app.workflow_dir(0)),
+                 "launch_dir": os.path.dirname(app.launch_dir(0)), "runs_dir": os.path.dirname(app.run_dir(0)),
+                 "pipelines": pipelines}
 
 
 def worker_release(req):
@@ -2295,6 +2496,44 @@ def workflow_runs(req, id):
 def workflow_run(req, id, run_id):
     """One run of the workflow; `?wait=<seconds>`: once it has ended."""
     return 200, {"run": answer_when_ended(req, id, lambda conn: run_json(run_row(conn, id, run_id), run_id))}
+
+
+def workflow_run_relaunch(req, id, run_id):
+    """Queue the run again as it was: its pipeline, revision, Nextflow version, arguments and params,
+    not the workflow's current ones. `{"resume": true}` resumes that run's Nextflow session."""
+    resume = req.json().get("resume", False)
+    if not isinstance(resume, bool):
+        raise ApiError(422, "resume", "must be true or false")
+    with req.db() as conn:
+        old = run_row(conn, id, run_id)
+        refuse_if_active(conn, id, "relaunch a run")
+    pipeline = req.app.config["pipelines"].get(old["pipeline"])
+    if pipeline is None:
+        raise ApiError(422, "run", "the pipeline %r is no longer configured: this run cannot be repeated; choose a "
+                                   "pipeline and schedule the workflow instead" % old["pipeline"])
+    if old["params"] is None:
+        raise ApiError(422, "run", "this run is older than the record of its params: schedule the workflow instead")
+    check_launchable(req.app, id, json.loads(old["arguments"]))
+    session = old["session_id"] if resume else None
+    if resume and not matches(SESSION_ID, session):
+        raise ApiError(422, "resume", "this run has no Nextflow session to resume (Nextflow never reported one)")
+    with req.app.db.write() as conn:
+        workflow_row(conn, id)
+        refuse_if_active(conn, id, "relaunch a run")
+        new_id = queue_run(conn, id, pipeline=old["pipeline"], arguments=old["arguments"], params=old["params"],
+                           resume=int(resume), resume_session=session, **as_it_ran(old, pipeline))
+        run = run_json(conn.execute("SELECT * FROM runs WHERE id = ?", (new_id,)).fetchone(), new_id)
+    req.app.changes.notify(id, QUEUED_RUNS)
+    return 200, {"run": run}
+
+
+def as_it_ran(run, pipeline):
+    """The revision and Nextflow version that repeat `run`: what ran, as its `started` post reported it
+    (the commit of a remote pipeline, the Nextflow version), else what it asked for."""
+    commit = run["commit_id"] if "pipeline" in pipeline else None
+    version = run["nextflow_version"] if matches(PINNED_VERSION, run["nextflow_version"]) else None
+    return {"revision": commit or run["revision"],
+            "pinned_nextflow_version": version or run["pinned_nextflow_version"]}
 
 
 def workflow_run_tasks(req, id, run_id):
@@ -2580,6 +2819,240 @@ def pipeline_arguments(req, name):
     if pipeline is None:
         raise ApiError(404, "nextflow_workflow", "no pipeline named %r" % name)
     return 200, {"arguments": pipeline["dynamic"]}
+
+
+# ==== Webhooks and e-mail ====
+# When a run reaches a final state the server tells what the operator configured in `notify`: each
+# webhook gets a signed JSON POST, the e-mail recipients one message. The transaction that makes a run
+# final queues one `deliveries` row per channel (queue_notifications), so a restart neither loses one
+# nor queues it twice. One thread (Courier) sends them, so no request and no weblog post ever waits for
+# a receiver, and tries a failed one again after each wait of `retry_after_seconds`. An attempt is
+# counted before it is made: one cut off by a restart is made again, so a receiver may get a delivery
+# twice only if the server died between sending it and recording that it was sent; X-Nfapi-Delivery
+# lets it drop the repeat.
+
+NOTIFY_TIMEOUT = 30  # seconds for one attempt (connect, send, answer)
+
+
+class DeliveryFailed(Exception):
+    """A receiver refused a notification; the message says how."""
+
+
+def queue_notifications(app, conn, run_ids):
+    """Queue the notifications of runs made final in this transaction (call it in that transaction)."""
+    notify, now = app.config["notify"], time.time()
+    targets = [("webhook", hook["url"]) for hook in notify["webhooks"]]
+    for run_id in run_ids:
+        recipients = email_recipients(conn, notify["email"], run_id)
+        conn.executemany("INSERT OR IGNORE INTO deliveries (run_id, channel, target, next_at) VALUES (?, ?, ?, ?)",
+                         [(run_id, channel, target, now) for channel, target in
+                          targets + ([("email", ", ".join(recipients))] if recipients else [])])
+    if run_ids and (targets or notify["email"]):
+        # The courier picks deliveries up in a write transaction of its own, so it sees these once
+        # this one has committed.
+        app.courier.wake.set()
+
+
+def email_recipients(conn, mail, run_id):
+    """The configured recipients and the run's workflow's own, each once; none without e-mail configured."""
+    if mail is None:
+        return []
+    row = conn.execute("SELECT w.notify_email FROM runs r JOIN workflows w ON w.id = r.workflow_id WHERE r.id = ?",
+                       (run_id,)).fetchone()
+    return list(dict.fromkeys(mail["to"] + json.loads(row["notify_email"])))
+
+
+class Courier:
+    """The one thread that sends notifications. It sleeps until one is queued (`wake`) or a retry is due."""
+
+    def __init__(self, app):
+        self.app = app
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self.deliver_forever, name="notifications", daemon=True)
+
+    def finish(self, timeout=5.0):
+        """Let a stopping server's attempt in progress end and be recorded, for up to `timeout` seconds."""
+        self.wake.set()
+        self.thread.join(timeout)
+
+    def deliver_forever(self):
+        while not self.app.stopping.is_set():
+            self.wake.clear()
+            try:
+                pause = self.deliver_due()
+            except sqlite3.Error:
+                if not self.app.stopping.is_set():  # else finish() gave up on an attempt: it is made after a restart
+                    traceback.print_exc()
+                pause = 5.0
+            self.wake.wait(pause)
+
+    def deliver_due(self):
+        """Make the attempts that are due; return the seconds until the next one is (None: none waits)."""
+        while not self.app.stopping.is_set():
+            delivery = self.claim_due()
+            if delivery is None:
+                break
+            self.record(delivery, self.attempt(delivery))
+        with self.app.db.connection() as conn:
+            next_at = conn.execute("SELECT min(next_at) FROM deliveries WHERE status = 'pending'").fetchone()[0]
+        return None if next_at is None else max(0.0, next_at - time.time())
+
+    def claim_due(self):
+        """The oldest delivery due, with this attempt counted and the next one scheduled; None if none is."""
+        waits, now = self.app.config["notify"]["retry_after_seconds"], time.time()
+        with self.app.db.write() as conn:
+            delivery = conn.execute("SELECT * FROM deliveries WHERE status = 'pending' AND next_at <= ? "
+                                    "ORDER BY next_at, id LIMIT 1", (now,)).fetchone()
+            if delivery is not None:
+                conn.execute("UPDATE deliveries SET attempts = attempts + 1, next_at = ? WHERE id = ?",
+                             (now + waits[min(delivery["attempts"], len(waits) - 1)], delivery["id"]))
+        return delivery
+
+    def attempt(self, delivery):
+        """Send one delivery; return None when the receiver took it, else why not."""
+        notify = self.app.config["notify"]
+        try:
+            with self.app.db.connection() as conn:
+                message = run_notification(conn, delivery["run_id"])
+            if delivery["channel"] == "webhook":
+                hook = next((h for h in notify["webhooks"] if h["url"] == delivery["target"]), None)
+                if hook is None:
+                    raise DeliveryFailed("this webhook is no longer in the configuration")
+                post_webhook(hook, message, delivery["id"])
+            elif notify["email"] is None:
+                raise DeliveryFailed("e-mail is no longer in the configuration")
+            else:
+                send_email(notify["email"], delivery["target"].split(", "), message)
+        except (OSError, http.client.HTTPException, subprocess.SubprocessError, DeliveryFailed, ApiError) as e:
+            return (str(e) or type(e).__name__)[:MAX_WEBLOG_TEXT]
+        except Exception:
+            traceback.print_exc()  # a bug: the attempt fails like any other, the thread goes on
+            return "nfapi could not send it (see the server's log)"
+        return None
+
+    def record(self, delivery, error):
+        tries = len(self.app.config["notify"]["retry_after_seconds"]) + 1
+        with self.app.db.write() as conn:
+            if error is None:
+                conn.execute("UPDATE deliveries SET status = 'sent', sent_at = ? WHERE id = ?",
+                             (time.time(), delivery["id"]))
+            else:
+                conn.execute("UPDATE deliveries SET status = ?, last_error = ? WHERE id = ?",
+                             ("failed" if delivery["attempts"] + 1 >= tries else "pending", error, delivery["id"]))
+
+
+def run_notification(conn, run_id):
+    """A webhook's body for a run that ended: the workflow, the run, and one line for chat tools."""
+    row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+    if row is None:
+        raise DeliveryFailed("the run was deleted")
+    workflow, run = load_workflow(conn, row["workflow_id"]), run_json(row, run_id)
+    return {"event": "run.finished", "workflow": workflow, "run": run, "text": summary_line(workflow, run)}
+
+
+def summary_line(workflow, run):
+    line = 'nfapi: run %d of workflow %d "%s" %s' % (run["id"], workflow["id"], one_line(workflow["name"], 100),
+                                                      run["status"])
+    if run["started_at"] and run["finished_at"]:
+        line += " after %s" % duration_text(run["finished_at"] - run["started_at"])
+    if run["status"] != "succeeded" and run["error_message"]:
+        line += ": " + one_line(run["error_message"].strip().split("\n")[0], 200)
+    return line
+
+
+def one_line(text, limit):
+    """`text` cut to `limit` characters, with no control character left to break a line or a header."""
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", text)[:limit]
+
+
+def duration_text(seconds):
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return "%d h %d min" % (hours, minutes)
+    return "%d min %d s" % (minutes, secs) if minutes else "%d s" % secs
+
+
+def post_webhook(hook, message, delivery_id):
+    """POST the message as JSON, signed with the webhook's secret (HMAC-SHA256 of the exact body)."""
+    body = json.dumps(message).encode()
+    url = urllib.parse.urlsplit(hook["url"])
+    connection_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    conn = connection_class(url.netloc, timeout=NOTIFY_TIMEOUT)
+    try:
+        conn.request("POST", urllib.parse.urlunsplit(("", "", url.path or "/", url.query, "")), body=body, headers={
+            "Content-Type": "application/json", "User-Agent": "nfapi", "X-Nfapi-Event": message["event"],
+            "X-Nfapi-Delivery": str(delivery_id),
+            "X-Nfapi-Signature": "sha256=" + hmac.new(hook["secret"].encode(), body, "sha256").hexdigest()})
+        status = conn.getresponse().status
+    finally:
+        conn.close()
+    if not 200 <= status < 300:
+        raise DeliveryFailed("the webhook answered HTTP %d" % status)
+
+
+def send_email(mail, recipients, message):
+    """One message to all recipients, through the SMTP server or the sendmail program configured.
+    sendmail reads the recipients from the message (-t): its command line is fixed."""
+    msg = email_message(mail["from"], recipients, message)
+    if "smtp" in mail:
+        host, _, port = mail["smtp"].rpartition(":")
+        try:
+            with smtplib.SMTP(host.strip("[]"), int(port), timeout=NOTIFY_TIMEOUT) as smtp:
+                smtp.send_message(msg)
+        except smtplib.SMTPResponseException as e:
+            answer = e.smtp_error.decode("utf-8", "replace") if isinstance(e.smtp_error, bytes) else e.smtp_error
+            raise DeliveryFailed("the SMTP server answered %d %s" % (e.smtp_code, answer))
+        return
+    done = subprocess.run([mail["sendmail"], "-t", "-oi"], input=msg.as_bytes(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, timeout=NOTIFY_TIMEOUT)
+    if done.returncode:
+        raise DeliveryFailed("%s exited with %d: %s" % (mail["sendmail"], done.returncode,
+                                                        done.stderr.decode("utf-8", "replace").strip()[-500:]))
+
+
+def email_message(sender, recipients, message):
+    workflow, run = message["workflow"], message["run"]
+    msg = email.message.EmailMessage()
+    msg["From"] = sender
+    msg["To"] = ", ".join(recipients)
+    msg["Subject"] = "[nfapi] " + message["text"][len("nfapi: "):]
+    msg["Date"] = email.utils.formatdate(localtime=True)
+    msg["Message-ID"] = email.utils.make_msgid("nfapi-run-%d" % run["id"], domain=sender.split("@")[1])
+    msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation replies
+    facts = [("Workflow", '%d "%s"' % (workflow["id"], one_line(workflow["name"], 200))),
+             ("Run", "%d, %s" % (run["id"], run["status"])), ("Pipeline", run["pipeline"]),
+             ("Started", utc_text(run["started_at"])), ("Finished", utc_text(run["finished_at"])),
+             ("Exit code", run["exit_code"]), ("Tasks", "%d submitted, %d completed, %d failed"
+                                                         % (run["submitted"], run["completed"], run["failed"])),
+             ("Nextflow", run["nextflow_version"]), ("Commit", run["commit_id"])]
+    text = "\n".join("%-10s %s" % (name + ":", value) for name, value in facts if value is not None)
+    if run["error_message"] and run["status"] != "succeeded":
+        text += "\n\nError:\n" + run["error_message"]
+    msg.set_content(text + "\n")
+    return msg
+
+
+def utc_text(moment):
+    return None if moment is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(moment))
+
+
+def workflow_run_notifications(req, id, run_id):
+    """What was sent when the run ended and what failed: one entry per webhook, one for e-mail."""
+    with req.db() as conn:
+        run_row(conn, id, run_id)
+        rows = conn.execute("SELECT * FROM deliveries WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()
+    return 200, {"notifications": [delivery_json(row) for row in rows]}
+
+
+def delivery_json(row):
+    delivery = {key: row[key] for key in ("id", "channel", "target", "status", "attempts", "last_error", "sent_at")}
+    delivery["next_at"] = row["next_at"] if row["status"] == "pending" else None
+    if row["channel"] == "webhook":
+        # Chat tools' webhook URLs carry their own secret in the path or the query.
+        url = urllib.parse.urlsplit(row["target"])
+        delivery["target"] = "%s://%s/..." % (url.scheme, url.netloc)
+    return delivery
 
 
 # ==== Socket.IO (polling) ====
@@ -3023,6 +3496,8 @@ ROUTES = [
     ("GET", "/api/workflows/<int:id>/runs", workflow_runs),
     ("GET", "/api/workflows/<int:id>/runs/<int:run_id>", workflow_run),
     ("GET", "/api/workflows/<int:id>/runs/<int:run_id>/tasks", workflow_run_tasks),
+    ("POST", "/api/workflows/<int:id>/runs/<int:run_id>/relaunch", workflow_run_relaunch),
+    ("GET", "/api/workflows/<int:id>/runs/<int:run_id>/notifications", workflow_run_notifications),
     ("GET", "/api/workflows/<int:id>/log", workflow_log),
     ("GET", "/api/workflows/<int:id>/download", workflow_download),
     ("GET", "/api/nextflow-workflows", pipelines_list),
@@ -3030,6 +3505,7 @@ ROUTES = [
     ("POST", "/api/worker/claim", worker_claim),
     ("POST", "/api/worker/heartbeat", worker_heartbeat),
     ("POST", "/api/worker/release", worker_release),
+    ("GET", "/api/worker/check", worker_check),
     ("GET", "/api/openapi.json", openapi_json),
     ("GET", "/socket.io/", socketio_poll),
     ("POST", "/socket.io/", socketio_send),
@@ -3114,12 +3590,14 @@ SCHEMAS = {
                resume=BOOL, nextflow_run_name=nullable(STR), session_id=nullable(STR), worker=nullable(STR),
                command=array(STR), console_tail=nullable(STR), tasks_truncated=BOOL,
                late_report=nullable(obj(["reported_at", "exit_code", "cancelled", "console_tail"], reported_at=NUM,
-                                        exit_code=nullable(INT), cancelled=BOOL, console_tail=nullable(STR)))),
+                                        exit_code=nullable(INT), cancelled=BOOL, console_tail=nullable(STR))),
+               revision=nullable(STR), pinned_nextflow_version=nullable(STR), nextflow_version=nullable(STR),
+               commit_id=nullable(STR)),
     "Workflow": obj(["id", "name", "nextflow_arguments", "nextflow_workflow", "submitted_processes",
-                     "completed_processes", "is_scheduled", "status", "run"],
+                     "completed_processes", "is_scheduled", "status", "run", "notify_email"],
                     id=INT, name=STR, nextflow_arguments={"type": "object", "additionalProperties": ref("Argument")},
                     nextflow_workflow=STR, submitted_processes=INT, completed_processes=INT, is_scheduled=BOOL,
-                    status=nullable({"enum": RUN_STATES}), run=nullable(ref("Run"))),
+                    status=nullable({"enum": RUN_STATES}), run=nullable(ref("Run")), notify_email=array(STR)),
     "Task": obj(["task_id", "name", "process", "tag", "status", "exit", "attempt", "submit", "start", "complete",
                  "duration", "workdir"], task_id=INT, name=nullable(STR), process=nullable(STR), tag=nullable(STR),
                 status={"enum": list(TASK_STATUS_RANK)}, exit=nullable(INT), attempt=nullable(INT),
@@ -3130,7 +3608,11 @@ SCHEMAS = {
                    "claim_confirm_seconds"], run_id=INT, workflow_id=INT, argv=array(STR), cwd=STR,
                   params={"type": "object"}, params_file=STR, run_dir=STR, config_file=STR, config=STR,
                   config_url_token=STR, console_log=STR, lease_seconds=NUM, claim_secret=STR,
-                  claim_confirm_seconds=NUM),
+                  claim_confirm_seconds=NUM, nextflow_version=nullable(STR)),
+    "Notification": obj(["id", "channel", "target", "status", "attempts", "next_at", "last_error", "sent_at"],
+                        id=INT, channel={"enum": ["webhook", "email"]}, target=STR,
+                        status={"enum": ["pending", "sent", "failed"]}, attempts=INT, next_at=nullable(NUM),
+                        last_error=nullable(STR), sent_at=nullable(NUM)),
 }
 
 QUERY = {
@@ -3152,7 +3634,8 @@ DOCS = {
     workflow_create: ([], obj(["name"], name=dict(STR, minLength=1, maxLength=MAX_NAME_LENGTH)),
                       {"allOf": [obj(["workflow"], workflow=ref("Workflow")), ref("Workflow")]}),
     workflow_get: (["wait"], None, obj(["workflow"], workflow=ref("Workflow"))),
-    workflow_update: ([], obj(nextflow_workflow=STR, nextflow_arguments={"type": "object"}), EMPTY_OBJECT),
+    workflow_update: ([], obj(nextflow_workflow=STR, nextflow_arguments={"type": "object"},
+                              notify_email=dict(array(STR), maxItems=MAX_NOTIFY_EMAILS)), EMPTY_OBJECT),
     workflow_delete: ([], None, EMPTY_OBJECT),
     workflow_files: (["dir"], None, obj(["folders", "files"], folders=array(STR), files=array(STR))),
     workflow_upload_file: ([], "multipart", obj(["directory", "file"], directory=STR, file=STR)),
@@ -3171,6 +3654,8 @@ DOCS = {
     workflow_run: (["wait"], None, obj(["run"], run=ref("Run"))),
     workflow_run_tasks: (["status", "offset", "limit"], None, obj(["tasks", "next_offset"], tasks=array(ref("Task")),
                                                                    next_offset=nullable(INT))),
+    workflow_run_relaunch: ([], obj(resume=BOOL), obj(["run"], run=ref("Run"))),
+    workflow_run_notifications: ([], None, obj(["notifications"], notifications=array(ref("Notification")))),
     workflow_log: (["run", "offset", "file"], None, TEXT),
     workflow_download: (["path", "format"], None, BINARY),
     pipelines_list: ([], None, obj(["nextflow_workflows"], nextflow_workflows=array(STR))),
@@ -3180,6 +3665,10 @@ DOCS = {
     worker_heartbeat: ([], obj(["runs"], worker=WORKER, runs=dict(array(CLAIM), maxItems=1000)),
                        obj(["cancel", "gone"], cancel=array(INT), gone=array(INT))),
     worker_release: ([], CLAIM, EMPTY_OBJECT),
+    worker_check: ([], None, obj(["data_dir", "data_dir_inode", "workflows_dir", "launch_dir", "runs_dir", "pipelines"],
+                                 data_dir=STR, data_dir_inode=INT, workflows_dir=STR, launch_dir=STR, runs_dir=STR, pipelines={
+                                     "type": "object", "additionalProperties": obj(
+                                         script=STR, pipeline=STR, revision=STR, nextflow_version=STR)})),
     openapi_json: ([], None, {"type": "object"}),
     socketio_poll: (ENGINEIO_QUERY, None, PACKETS),
     socketio_send: (ENGINEIO_QUERY, TEXT, PACKETS),
@@ -3726,8 +4215,10 @@ class App:
         self.sockets = SocketIO(self)
         self.stopping = threading.Event()
         self.weblog_runs = {}  # run id -> (its weblog_run row, when it was read): see known_weblog_run
+        self.courier = Courier(self)
         self.reconcile()
         threading.Thread(target=self.reap_forever, name="lease-reaper", daemon=True).start()
+        self.courier.thread.start()
 
     def workflow_dir(self, workflow_id):
         return os.path.join(self.data_dir, "workflows", str(workflow_id))
@@ -3743,14 +4234,14 @@ class App:
         (A claim never confirmed started no nextflow: requeue_unconfirmed_claims puts it back.)"""
         now = time.time()
         with self.db.write() as conn:
-            lost = [row[0] for row in conn.execute(
-                "SELECT workflow_id FROM runs WHERE status = 'running' AND lease_until < ? AND confirmed_at IS NOT NULL",
-                (now,))]
+            lost = conn.execute("SELECT id, workflow_id FROM runs WHERE status = 'running' AND lease_until < ? "
+                                "AND confirmed_at IS NOT NULL", (now,)).fetchall()
             conn.execute("UPDATE runs SET status = 'lost', finished_at = ?, error_message = ? "
                          "WHERE status = 'running' AND lease_until < ? AND confirmed_at IS NOT NULL",
                          (now, "the worker stopped sending heartbeats", now))
+            queue_notifications(self, conn, [run["id"] for run in lost])
         if lost:
-            self.changes.notify(*lost)
+            self.changes.notify(*[run["workflow_id"] for run in lost])
 
     def requeue_unconfirmed_claims(self):
         """A claim its worker did not confirm within `claim_confirm_seconds` goes back to the queue.
@@ -3895,6 +4386,7 @@ def main(argv=None):
         remove_server_file(app.data_dir)
         app.stopping.set()
         server.server_close()
+        app.courier.finish()
         app.db.close()
 
 

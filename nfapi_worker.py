@@ -3,6 +3,7 @@
 
     NFAPI_TOKEN=... python3 nfapi_worker.py --server http://127.0.0.1:8000 [--slots N] [--nextflow PATH]
     python3 nfapi_worker.py --server http://login1:8000 --token-file nfapi-data/api-token
+    python3 nfapi_worker.py --check --server http://login1:8000    # is this node ready to run?
 
 The worker talks to the server over HTTP only (it never opens the database), so it can run on
 another node that shares the data folder, and several workers can serve one server. It long-polls
@@ -17,8 +18,8 @@ params file, where `$` is written `\\u0024` so Nextflow replaces no `${...}` in 
 private config (given with -c: the weblog with its secret, the trace file, report and timeline; the
 worker reads `nextflow -version` once at start, and Nextflow before 23.10 gets the form that has the
 secret in the weblog URL), its launch folder as cwd, umask 077, and the worker's environment minus
-NFAPI_TOKEN. Its stdout and stderr go to the run's console.log. It runs in its own process group and
-gets SIGTERM if the worker dies (Linux). It holds a lock on its launch folder for as long as it runs,
+NFAPI_TOKEN, with NXF_VER when the pipeline pins a Nextflow version. Its stdout and stderr go to the
+run's console.log. It runs in its own process group and gets SIGTERM if the worker dies (Linux). It holds a lock on its launch folder for as long as it runs,
 even past the worker: a launch whose folder is locked is refused, so a workflow never has two
 nextflow at once. Cancelling sends SIGTERM (nextflow then kills its tasks and reports them ABORTED),
 then SIGKILL to the whole group after --grace seconds. SIGTERM or Ctrl-C on the worker withdraws its
@@ -39,6 +40,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -56,6 +58,8 @@ LAUNCH_LOCK = ".nfapi-launch.lock"
 # The only session id the worker puts after -resume: anything else would be an option of its own.
 SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 NEXTFLOW_VERSION = re.compile(r"\bversion ([0-9]+\.[0-9]+\.[0-9]+)")
+# A pinned Nextflow version, as nfapi.py accepts one in its configuration: only that goes in NXF_VER.
+PINNED_VERSION = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.]+)?")
 
 
 def log(message, *args):
@@ -85,12 +89,19 @@ class Api:
         return self.connection_class(self.address, timeout=timeout)
 
     def post(self, path, body, timeout=30, connection=None):
-        """POST JSON on a new connection (or `connection`) and return the answer, a JSON object
-        ({} for an empty body). The worker can only log and go on, so every failure is raised as
-        Unavailable with the server's message; Refused when asking again cannot help."""
+        """POST JSON on a new connection (or `connection`) and return the answer (see request)."""
+        return self.request("POST", path, json.dumps(body).encode(), timeout, connection)
+
+    def get(self, path, timeout=30):
+        return self.request("GET", path, None, timeout)
+
+    def request(self, method, path, data, timeout=30, connection=None):
+        """Return the answer, a JSON object ({} for an empty body). The worker can only log and go on,
+        so every failure is raised as Unavailable with the server's message; Refused when asking
+        again cannot help."""
         conn = connection or self.connection(timeout)
         try:
-            conn.request("POST", self.prefix + path, body=json.dumps(body).encode(), headers={
+            conn.request(method, self.prefix + path, body=data, headers={
                 "Authorization": "Bearer " + self.token, "Content-Type": "application/json"})
             resp = conn.getresponse()
             data = resp.read()
@@ -143,10 +154,39 @@ def prepare_child():
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def child_environment():
+def child_environment(nextflow_version=None):
+    """The worker's environment minus the API token (pipeline tasks must never see it), with NXF_VER
+    set to the pipeline's pinned Nextflow version: Nextflow's launcher script runs that version."""
     env = dict(os.environ)
-    env.pop("NFAPI_TOKEN", None)  # pipeline tasks must never see the API token
+    env.pop("NFAPI_TOKEN", None)
+    if nextflow_version:
+        env["NXF_VER"] = nextflow_version
     return env
+
+
+def nextflow_home(env):
+    return env.get("NXF_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".nextflow")
+
+
+def has_framework(env, version):
+    """Whether Nextflow's launcher finds `version` without downloading it ($NXF_HOME/framework/<version>)."""
+    folder = os.path.join(nextflow_home(env), "framework", version)
+    return os.path.isdir(folder) and bool(os.listdir(folder))
+
+
+def pinned_version_problem(version, env):
+    """Why nextflow cannot start with the pinned `version`, or None. The launcher would download a
+    version it lacks; offline it fails after a long wait, so the run fails at once and says why."""
+    if version is None:
+        return None
+    if not isinstance(version, str) or not PINNED_VERSION.fullmatch(version):
+        return "the server pinned a Nextflow version that is not one (%r); nextflow was not started" % (version,)
+    if env.get("NXF_OFFLINE") == "true" and not has_framework(env, version):
+        framework = os.path.join(nextflow_home(env), "framework")
+        return ("this pipeline is pinned to Nextflow %s, which is not in %s, and NXF_OFFLINE=true forbids downloading "
+                "it; nextflow was not started. Fetch it once on a node with internet access and the same NXF_HOME: "
+                "NXF_VER=%s nextflow -version" % (version, framework, version))
+    return None
 
 
 def params_file_text(params):
@@ -241,7 +281,8 @@ class RunProcess(threading.Thread):
             os.makedirs(folder, mode=0o700, exist_ok=True)
         fd = os.open(launch["console_log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "wb") as console:
-            problem = resume_problem(launch["argv"])
+            problem = resume_problem(launch["argv"]) or pinned_version_problem(launch.get("nextflow_version"),
+                                                                               os.environ)
             lock = None if problem else lock_launch_folder(launch["cwd"])
             if lock is None:
                 problem = problem or ("another nextflow still runs in this workflow's launch folder %s (a run "
@@ -257,14 +298,17 @@ class RunProcess(threading.Thread):
     def run_nextflow(self, console, lock):
         launch = self.launch
         write_private(launch["params_file"], params_file_text(launch["params"]))
-        config = launch["config"] if sends_basic_token(self.worker.nextflow_version) else launch["config_url_token"]
+        # A pinned version is the one that runs (NXF_VER), whatever `nextflow -version` said at start.
+        version = launch.get("nextflow_version") or self.worker.nextflow_version
+        config = launch["config"] if sends_basic_token(version) else launch["config_url_token"]
         write_private(launch["config_file"], config.encode())
         argv = [self.worker.nextflow] + launch["argv"]
         with self.lock:
             if self.stopped_because:
                 return None, "stopped before nextflow started"
             try:
-                self.proc = subprocess.Popen(argv, cwd=launch["cwd"], env=child_environment(), stdin=subprocess.DEVNULL,
+                env = child_environment(launch.get("nextflow_version"))
+                self.proc = subprocess.Popen(argv, cwd=launch["cwd"], env=env, stdin=subprocess.DEVNULL,
                                              stdout=console, stderr=subprocess.STDOUT, start_new_session=True,
                                              pass_fds=(lock,), preexec_fn=prepare_child)
             except OSError as e:
@@ -468,6 +512,233 @@ def is_launch(launch):
         and all(isinstance(a, str) for a in launch["argv"])
 
 
+# ==== Self-check ====
+# `nfapi_worker.py --check`, run by the operator on the node where runs execute, finds out what a first
+# run would: one line per check, `ok`, `warn` (it works, but read this) or `PROBLEM` with how to fix
+# it. The exit status is 1 when a run would fail or report nothing.
+
+# The oldest Java each Nextflow release runs on, newest release first. Sources: Nextflow's install
+# page ("Changed in version 24.11.0-edge: Support for Java versions prior to 17 was dropped",
+# nextflow-io/nextflow#5045), its 22.x to 24.10 editions ("Java 11 (or later ...)"), and
+# nextflow-io/nextflow#3643 (21.10 still ran on Java 8).
+JAVA_MINIMUM = (((24, 11), 17), ((22, 1), 11), ((0, 0), 8))
+# The weblog is the nf-weblog plugin since 23.07-edge, built in before; its newest release, 1.1.2,
+# needs Nextflow 23.10 or later (NEXTFLOW.md 1.1).
+WEBLOG_PLUGIN = (((23, 10), "1.1.2"), ((23, 7), "1.0.0"))
+CHECK_TIMEOUT = 120  # seconds for `nextflow -version` (the launcher may download Nextflow first)
+SHARED_DATA_FIX = ("mount the server's data folder on this node at the same path (%s), and run the worker as the "
+                   "user that runs the server")
+AHEAD = " (on a node with internet access, with the same NXF_HOME)"
+
+
+class Report:
+    """The lines of the self-check, printed as they come."""
+
+    def __init__(self):
+        self.failed = False
+
+    def line(self, level, name, text, fix=None):
+        self.failed = self.failed or level == "PROBLEM"
+        print("%-7s %-22s %s%s" % (level, name, text, " -- fix: " + fix if fix else ""), flush=True)
+
+    def ok(self, name, text):
+        self.line("ok", name, text)
+
+    def warn(self, name, text, fix):
+        self.line("warn", name, text, fix)
+
+    def problem(self, name, text, fix):
+        self.line("PROBLEM", name, text, fix)
+
+
+def self_check(api, nextflow, env):
+    """Run every check; return the exit status."""
+    report = Report()
+    version = check_nextflow(report, nextflow, env)
+    check_java(report, env, version)
+    check_weblog_plugin(report, env, version)
+    info = check_server(report, api)
+    if info is not None:
+        check_data_folder(report, info)
+        for name in sorted(info["pipelines"]):
+            check_pipeline(report, name, info["pipelines"][name], env)
+    return 1 if report.failed else 0
+
+
+def version_tuple(text):
+    return tuple(int(n) for n in re.findall(r"[0-9]+", text)[:3])
+
+
+def check_nextflow(report, nextflow, env):
+    """nextflow's version as `nextflow -version` prints it (`version 24.10.4 build 5934`), or None."""
+    path = shutil.which(nextflow)
+    if path is None:
+        report.problem("nextflow", "%s not found" % nextflow, "install Nextflow (curl -s https://get.nextflow.io | "
+                       "bash) and put it on PATH, or give its path with --nextflow")
+        return None
+    out = run_for_output([path, "-version"], env)
+    m = re.search(r"\bversion\s+([0-9]+\.[0-9]+\.[0-9]+\S*)", out or "")
+    if m is None:
+        last = (out or "").strip().splitlines()[-1:] or ["no output"]
+        report.problem("nextflow", "`%s -version` failed: %s" % (path, last[0]),
+                       "run `%s -version` here to see why (often Java: see the next line)" % path)
+        return None
+    report.ok("nextflow", "%s, version %s" % (path, m.group(1)))
+    return m.group(1)
+
+
+def run_for_output(argv, env):
+    """What a command prints on stdout and stderr, or None when it cannot be run."""
+    try:
+        return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=CHECK_TIMEOUT).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def java_command(env):
+    """The java that Nextflow's launcher script starts: $NXF_JAVA_HOME, $JAVA_CMD, $JAVA_HOME, then PATH."""
+    home = env.get("NXF_JAVA_HOME")
+    if not home and env.get("JAVA_CMD") and os.access(env["JAVA_CMD"], os.X_OK):
+        return env["JAVA_CMD"]
+    home = home or env.get("JAVA_HOME")
+    if home and os.path.isdir(home):
+        return os.path.join(home, "bin", "java")
+    return shutil.which("java", path=env.get("PATH"))
+
+
+def check_java(report, env, nextflow_version):
+    java = java_command(env)
+    out = run_for_output([java, "-version"], env) if java else None
+    m = re.search(r'version "([^"]+)"', out or "")  # `openjdk version "17.0.2" 2022-01-18`, on stderr
+    fix = "install Java %d or later (with SDKMAN!: sdk install java 17.0.10-tem) and set JAVA_HOME or NXF_JAVA_HOME"
+    if m is None:
+        report.problem("java", "no working java (NXF_JAVA_HOME, JAVA_CMD, JAVA_HOME, PATH)", fix % 17)
+        return
+    numbers = version_tuple(m.group(1))
+    major = numbers[1] if numbers[:1] == (1,) and len(numbers) > 1 else numbers[0]  # 1.8.0_382 is Java 8
+    if nextflow_version is None:
+        report.ok("java", "%s, Java %s (Nextflow's minimum unknown: see the nextflow line)" % (java, m.group(1)))
+        return
+    minimum = next(oldest for since, oldest in JAVA_MINIMUM if version_tuple(nextflow_version) >= since)
+    if major < minimum:
+        report.problem("java", "%s is Java %s; Nextflow %s needs Java %d or later"
+                       % (java, m.group(1), nextflow_version, minimum), fix % minimum)
+    else:
+        report.ok("java", "%s, Java %s (Nextflow %s needs %d+)" % (java, m.group(1), nextflow_version, minimum))
+
+
+def check_weblog_plugin(report, env, nextflow_version):
+    """Without nf-weblog a run sends no progress; Nextflow downloads it at first use, which an offline
+    node cannot."""
+    plugin = WEBLOG_PLUGIN[0][1] if nextflow_version is None else next(
+        (release for since, release in WEBLOG_PLUGIN if version_tuple(nextflow_version) >= since), None)
+    if plugin is None:
+        report.ok("nf-weblog", "built into Nextflow %s" % nextflow_version)
+        return
+    folder = env.get("NXF_PLUGINS_DIR") or os.path.join(nextflow_home(env), "plugins")
+    found = sorted(name for name in listdir_or_empty(folder) if name.startswith("nf-weblog-"))
+    install = "nextflow plugin install nf-weblog@%s" % plugin
+    if found:
+        report.ok("nf-weblog", "%s in %s" % (found[-1], folder))
+    elif env.get("NXF_OFFLINE") == "true":
+        report.problem("nf-weblog", "not in %s, and NXF_OFFLINE=true stops Nextflow from downloading it: runs would "
+                       "report no progress" % folder, install + AHEAD)
+    else:
+        report.warn("nf-weblog", "not in %s: Nextflow downloads it at the first run" % folder,
+                    "if compute nodes are offline or NXF_OFFLINE=true, install it ahead: %s" % install)
+
+
+def listdir_or_empty(folder):
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def check_server(report, api):
+    """What the server says the worker needs (GET /api/worker/check), or None when it cannot be asked."""
+    where = api.connection_class.__name__.replace("Connection", "").lower() + "://" + api.address + api.prefix
+    try:
+        api.get("/api/nextflow-workflows")
+        info = api.get("/api/worker/check")
+    except Refused as e:
+        report.problem("server", "%s refused the token: %s" % (where, e), "give the server's API token (its "
+                       "<data>/api-token) in NFAPI_TOKEN or with --token-file")
+        return None
+    except Unavailable as e:
+        report.problem("server", "cannot reach %s: %s" % (where, e), "start the server, or give its URL as this "
+                       "node reaches it with --server ($NFAPI_SERVER)")
+        return None
+    report.ok("server", "%s answers with the token" % where)
+    return info
+
+
+def check_data_folder(report, info):
+    """Runs need the server's data folder here, at the same path: nextflow reads the workflow folders
+    and writes in the launch and run folders."""
+    fix = SHARED_DATA_FIX % info["data_dir"]
+    try:
+        inode = os.stat(info["data_dir"]).st_ino
+    except OSError as e:
+        report.problem("data folder", "%s is not on this node: %s" % (info["data_dir"], e.strerror), fix)
+        return
+    if inode != info["data_dir_inode"]:
+        report.problem("data folder", "%s here is another folder than the server's (inode %d here, %d there)"
+                       % (info["data_dir"], inode, info["data_dir_inode"]), fix)
+    try:
+        os.listdir(info["workflows_dir"])
+        report.ok("data folder", "reads %s" % info["workflows_dir"])
+    except OSError as e:
+        report.problem("data folder", "cannot read %s: %s" % (info["workflows_dir"], e.strerror), fix)
+    for folder in (info["launch_dir"], info["runs_dir"]):
+        try:
+            fd, path = tempfile.mkstemp(dir=folder, prefix=".nfapi-check-")
+            os.close(fd)
+            os.unlink(path)
+            report.ok("data folder", "writes in %s" % folder)
+        except OSError as e:
+            report.problem("data folder", "cannot write in %s: %s" % (folder, e.strerror), fix)
+
+
+def check_pipeline(report, name, pipeline, env):
+    label = "pipeline %s" % name
+    if "script" in pipeline:
+        if os.path.isfile(pipeline["script"]):
+            report.ok(label, pipeline["script"])
+        else:
+            report.problem(label, "%s is not on this node" % pipeline["script"], "make the pipeline's folder "
+                           "available on this node at the same path")
+    else:
+        check_remote_pipeline(report, label, pipeline, env)
+    version = pipeline.get("nextflow_version")
+    if version:
+        fetch = "NXF_VER=%s nextflow -version" % version
+        if pinned_version_problem(version, env):
+            report.problem(label, "pinned to Nextflow %s, which is not here and NXF_OFFLINE=true" % version,
+                           fetch + AHEAD)
+        elif has_framework(env, version):
+            report.ok(label, "pinned to Nextflow %s, which is here" % version)
+        else:
+            report.warn(label, "pinned to Nextflow %s: the launcher downloads it at the first run" % version,
+                        "if compute nodes are offline, fetch it ahead: %s" % fetch)
+
+
+def check_remote_pipeline(report, label, pipeline, env):
+    """A remote pipeline runs from Nextflow's assets ($NXF_ASSETS or $NXF_HOME/assets/<org>/<name>)."""
+    project = "/".join(re.sub(r"\.git$", "", pipeline["pipeline"]).rstrip("/").split("/")[-2:])
+    folder = os.path.join(env.get("NXF_ASSETS") or os.path.join(nextflow_home(env), "assets"), project)
+    pull = "nextflow pull " + pipeline["pipeline"] + (" -r " + pipeline["revision"] if "revision" in pipeline else "")
+    if os.path.isdir(folder):
+        report.ok(label, "%s is in %s" % (pipeline["pipeline"], folder))
+    elif env.get("NXF_OFFLINE") == "true":
+        report.problem(label, "%s is not in %s, and NXF_OFFLINE=true stops Nextflow from pulling it"
+                       % (pipeline["pipeline"], folder), pull + AHEAD)
+    else:
+        report.warn(label, "%s is not in %s: Nextflow pulls it at the first run" % (pipeline["pipeline"], folder),
+                    "if compute nodes are offline, pull it ahead: %s" % pull)
+
+
 # ==== Main ====
 
 def read_token(args):
@@ -491,6 +762,9 @@ def parse_args(argv):
     parser.add_argument("--token-file", help="read the API token from this file instead of $NFAPI_TOKEN")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds between SIGTERM and SIGKILL when stopping a run (default 30)")
+    parser.add_argument("--check", action="store_true",
+                        help="check this node (nextflow, Java, nf-weblog, the server, the data folder, the "
+                             "pipelines), print one line per check and exit, 1 if a run would fail")
     args = parser.parse_args(argv)
     if args.slots < 1:
         parser.error("--slots must be at least 1")
@@ -503,6 +777,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.check:
+        sys.exit(self_check(Api(args.server, read_token(args)), args.nextflow, child_environment()))
     version = nextflow_version(args.nextflow)
     worker = Worker(Api(args.server, read_token(args)), args.slots, args.nextflow, args.grace, version)
     # SIGINT and SIGHUP stay ignored when they were at start: `make run` (whose background jobs ignore
