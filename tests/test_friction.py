@@ -166,7 +166,8 @@ def test_an_unknown_key_is_refused_by_every_json_endpoint_and_changes_nothing(ap
         assert resp.status == 422, (path, resp)
         assert list(resp.json()["errors"]) == ["nextflow_workflw"], (path, resp)
     resp = api.post("/api/workflows/1/update", {"nextflow_workflow": PIPELINE, "nextflow_arguments": {}, "x": 1})
-    assert resp.json() == {"errors": {"x": ["unknown field; this request takes nextflow_workflow, nextflow_arguments"]}}
+    assert resp.json() == {"errors": {"x": ["unknown field; this request takes nextflow_workflow, nextflow_arguments, "
+                                           "notify_email"]}}
     assert api.get("/api/workflows").json() == before
 
 

@@ -76,11 +76,15 @@ def run_of(api, wid, run_id):
     return api.get("/api/workflows/%d/runs/%d" % (wid, run_id)).json()["run"]
 
 
+# The worker asks `nextflow -version` once at start: the stubs answer it without recording a run.
+STUB_VERSION = '#!/bin/sh\n[ "$1" = -version ] && { echo "      version 24.10.0 build 5928"; exit 0; }\n'
+
+
 def test_pinned_version_is_in_the_launch_and_nextflow_gets_it_as_nxf_ver_only(server, tmp_path):
     api = server.client()
     record = tmp_path / "nextflow-saw"
     stub = tmp_path / "nextflow"
-    stub.write_text('#!/bin/sh\necho "NXF_VER=${NXF_VER:-unset} ARGV=$*" >> "$STUB_RECORD"\n')
+    stub.write_text(STUB_VERSION + 'echo "NXF_VER=${NXF_VER:-unset} ARGV=$*" >> "$STUB_RECORD"\n')
     stub.chmod(0o755)
     worker = WorkerProcess(server, tmp_path, nextflow=str(stub), env={"STUB_RECORD": str(record)})
     worker.env.pop("NXF_VER", None)
@@ -108,7 +112,7 @@ def test_a_pinned_version_missing_offline_fails_the_run_before_nextflow_starts(s
         (nxf_home / "framework" / "24.04.4" / "nextflow-24.04.4-one.jar").write_text("jar")
     record = tmp_path / "nextflow-saw"
     stub = tmp_path / "nextflow"
-    stub.write_text('#!/bin/sh\necho started >> "$STUB_RECORD"\n')
+    stub.write_text(STUB_VERSION + 'echo started >> "$STUB_RECORD"\n')
     stub.chmod(0o755)
     worker = WorkerProcess(server, tmp_path, nextflow=str(stub), env={
         "STUB_RECORD": str(record), "NXF_OFFLINE": "true", "NXF_HOME": str(nxf_home)}).start()
