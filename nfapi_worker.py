@@ -48,6 +48,7 @@ CLAIM_WAIT_SECONDS = 20
 MAX_BACKOFF_SECONDS = 10.0
 CONSOLE_TAIL_BYTES = 4000
 STOP_REPORT_SECONDS = 60  # how long a stopping worker keeps trying to report a run's end
+VERSION_SECONDS = 60  # for `nextflow -version`, once at start
 PR_SET_PDEATHSIG = 1
 LAUNCH_LOCK = ".nfapi-launch.lock"
 # The only session id the worker puts after -resume: anything else would be an option of its own.
@@ -126,6 +127,18 @@ def child_environment():
     env = dict(os.environ)
     env.pop("NFAPI_TOKEN", None)  # pipeline tasks must never see the API token
     return env
+
+
+def nextflow_version(binary):
+    """The version `nextflow -version` prints ("24.10.0"), or None when it cannot say. Real Nextflow
+    prints a banner with `version 24.10.0 build 5928`; it may start a JVM, or download itself once."""
+    try:
+        out = subprocess.run([binary, "-version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, env=child_environment(), timeout=VERSION_SECONDS).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(rb"version\s+([0-9]+\.[0-9]+\.[0-9]+)", out)
+    return found.group(1).decode() if found else None
 
 
 def params_file_text(params):
@@ -286,6 +299,7 @@ class Worker:
         self.nextflow = nextflow
         self.grace = grace
         self.name = "%s:%d" % (socket.gethostname(), os.getpid())
+        self.version = nextflow_version(nextflow)
         self.stop = threading.Event()
         self.runs = {}
         self.lock = threading.Lock()
@@ -311,8 +325,9 @@ class Worker:
                 continue
             try:
                 self.claim_connection = self.api.connection(CLAIM_WAIT_SECONDS + 30)
-                launch = self.api.post("/api/worker/claim", {"worker": self.name, "wait": CLAIM_WAIT_SECONDS},
-                                       connection=self.claim_connection).get("run")
+                claim = {"worker": self.name, "wait": CLAIM_WAIT_SECONDS, "host": socket.gethostname(),
+                         "pid": os.getpid(), "slots": self.slots, "nextflow_version": self.version}
+                launch = self.api.post("/api/worker/claim", claim, connection=self.claim_connection).get("run")
                 if launch is not None and not is_launch(launch):
                     raise Unavailable("the claim answer is not a launch: %r" % (launch,))
             except Unavailable as e:
