@@ -572,37 +572,31 @@ MIGRATIONS = [
                sum(status = 'FAILED'), sum(status = 'ABORTED')
         FROM tasks WHERE process IS NOT NULL GROUP BY run_id, process ORDER BY run_id, min(task_id);
     CREATE TRIGGER tasks_by_process AFTER INSERT ON tasks WHEN NEW.process IS NOT NULL BEGIN
-        INSERT INTO processes (run_id, process, submitted, running, completed, failed, cached, aborted,
-                               realtimes, peak_rsses)
-        VALUES (NEW.run_id, NEW.process, 1, NEW.status = 'RUNNING', NEW.status = 'COMPLETED', NEW.status = 'FAILED',
-                NEW.status = 'CACHED', NEW.status = 'ABORTED', NEW.realtime IS NOT NULL, NEW.peak_rss IS NOT NULL)
-        ON CONFLICT (run_id, process) DO UPDATE SET
-            submitted = submitted + 1, running = running + excluded.running, completed = completed + excluded.completed,
-            failed = failed + excluded.failed, cached = cached + excluded.cached, aborted = aborted + excluded.aborted,
-            realtimes = realtimes + excluded.realtimes, peak_rsses = peak_rsses + excluded.peak_rsses;
+        %(enter)s
     END;
-    CREATE TRIGGER tasks_leave_process AFTER UPDATE OF status, process, realtime, peak_rss ON tasks
-    WHEN OLD.process IS NOT NULL AND (OLD.status IS NOT NEW.status OR OLD.process IS NOT NEW.process
-                                      OR (OLD.realtime IS NULL) != (NEW.realtime IS NULL)
-                                      OR (OLD.peak_rss IS NULL) != (NEW.peak_rss IS NULL)) BEGIN
+    CREATE TRIGGER tasks_recounted_in_process AFTER UPDATE OF status, realtime, peak_rss ON tasks
+    WHEN NEW.process IS OLD.process AND NEW.process IS NOT NULL AND (OLD.status IS NOT NEW.status
+         OR (OLD.realtime IS NULL) != (NEW.realtime IS NULL) OR (OLD.peak_rss IS NULL) != (NEW.peak_rss IS NULL)) BEGIN
+        UPDATE processes SET running = running + (NEW.status = 'RUNNING') - (OLD.status = 'RUNNING'),
+            completed = completed + (NEW.status = 'COMPLETED') - (OLD.status = 'COMPLETED'),
+            failed = failed + (NEW.status = 'FAILED') - (OLD.status = 'FAILED'),
+            cached = cached + (NEW.status = 'CACHED') - (OLD.status = 'CACHED'),
+            aborted = aborted + (NEW.status = 'ABORTED') - (OLD.status = 'ABORTED'),
+            realtimes = realtimes + (NEW.realtime IS NOT NULL) - (OLD.realtime IS NOT NULL),
+            peak_rsses = peak_rsses + (NEW.peak_rss IS NOT NULL) - (OLD.peak_rss IS NOT NULL)
+        WHERE run_id = NEW.run_id AND process = NEW.process;
+    END;
+    CREATE TRIGGER tasks_left_process AFTER UPDATE OF process ON tasks
+    WHEN OLD.process IS NOT NEW.process AND OLD.process IS NOT NULL BEGIN
         UPDATE processes SET submitted = submitted - 1, running = running - (OLD.status = 'RUNNING'),
             completed = completed - (OLD.status = 'COMPLETED'), failed = failed - (OLD.status = 'FAILED'),
             cached = cached - (OLD.status = 'CACHED'), aborted = aborted - (OLD.status = 'ABORTED'),
             realtimes = realtimes - (OLD.realtime IS NOT NULL), peak_rsses = peak_rsses - (OLD.peak_rss IS NOT NULL)
         WHERE run_id = OLD.run_id AND process = OLD.process;
     END;
-    CREATE TRIGGER tasks_enter_process AFTER UPDATE OF status, process, realtime, peak_rss ON tasks
-    WHEN NEW.process IS NOT NULL AND (OLD.status IS NOT NEW.status OR OLD.process IS NOT NEW.process
-                                      OR (OLD.realtime IS NULL) != (NEW.realtime IS NULL)
-                                      OR (OLD.peak_rss IS NULL) != (NEW.peak_rss IS NULL)) BEGIN
-        INSERT INTO processes (run_id, process, submitted, running, completed, failed, cached, aborted,
-                               realtimes, peak_rsses)
-        VALUES (NEW.run_id, NEW.process, 1, NEW.status = 'RUNNING', NEW.status = 'COMPLETED', NEW.status = 'FAILED',
-                NEW.status = 'CACHED', NEW.status = 'ABORTED', NEW.realtime IS NOT NULL, NEW.peak_rss IS NOT NULL)
-        ON CONFLICT (run_id, process) DO UPDATE SET
-            submitted = submitted + 1, running = running + excluded.running, completed = completed + excluded.completed,
-            failed = failed + excluded.failed, cached = cached + excluded.cached, aborted = aborted + excluded.aborted,
-            realtimes = realtimes + excluded.realtimes, peak_rsses = peak_rsses + excluded.peak_rsses;
+    CREATE TRIGGER tasks_entered_process AFTER UPDATE OF process ON tasks
+    WHEN OLD.process IS NOT NEW.process AND NEW.process IS NOT NULL BEGIN
+        %(enter)s
     END;
     DROP TRIGGER tasks_counted;
     DROP TRIGGER tasks_recounted;
@@ -625,7 +619,16 @@ MIGRATIONS = [
         nextflow_version TEXT,
         last_seen REAL NOT NULL
     );
-    """,
+    """ % {
+        # A task counts in its process's row (a row per process, in the order first seen).
+        "enter": """INSERT INTO processes (run_id, process, submitted, running, completed, failed, cached, aborted,
+                               realtimes, peak_rsses)
+        VALUES (NEW.run_id, NEW.process, 1, NEW.status = 'RUNNING', NEW.status = 'COMPLETED', NEW.status = 'FAILED',
+                NEW.status = 'CACHED', NEW.status = 'ABORTED', NEW.realtime IS NOT NULL, NEW.peak_rss IS NOT NULL)
+        ON CONFLICT (run_id, process) DO UPDATE SET
+            submitted = submitted + 1, running = running + excluded.running, completed = completed + excluded.completed,
+            failed = failed + excluded.failed, cached = cached + excluded.cached, aborted = aborted + excluded.aborted,
+            realtimes = realtimes + excluded.realtimes, peak_rsses = peak_rsses + excluded.peak_rsses;"""},
 ]
 
 

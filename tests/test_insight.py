@@ -4,13 +4,14 @@ and process used, Nextflow's own report, timeline and trace, and whether any wor
 import json
 import os
 import socket
+import sqlite3
 import statistics
 import time
 import urllib.parse
 
 import pytest
 
-from conftest import FINAL_STATES, ready_workflow, wait_final, wait_for
+from conftest import FINAL_STATES, ServerProcess, ready_workflow, wait_final, wait_for
 
 LOG_CHUNK = 1024 * 1024  # nfapi.LOG_CHUNK_BYTES: one answer of a task file, as of the run log
 FAILING_LINES = "fake task COUNT_LINES (1): starting\nERROR: fake failure (FAKE_NF_FAIL)"  # tests/fake_nextflow.py
@@ -343,3 +344,34 @@ def test_claims_describe_their_worker(server, api):
     assert (workers["old"]["host"], workers["old"]["slots"]) == (None, None)
     assert (workers["new"]["host"], workers["new"]["pid"], workers["new"]["slots"], workers["new"]["connected"]) == (
         "node1", 42, 4, True)
+
+
+def test_a_database_from_before_gets_its_process_view(tmp_path):
+    import nfapi
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    db = sqlite3.connect(str(data / "nfapi.sqlite3"))
+    for script in nfapi.MIGRATIONS[:4]:
+        for statement in nfapi.sql_statements(script):
+            db.execute(statement)
+    db.execute("PRAGMA user_version = 4")
+    db.execute("INSERT INTO workflows (name, created_at) VALUES ('old', 0)")
+    db.execute("INSERT INTO runs (workflow_id, status, pipeline, arguments, secret, created_at) "
+               "VALUES (1, 'failed', 'Hello World (Local)', '{}', 's', 0)")
+    for task_id, process, status in ((1, "B", "COMPLETED"), (2, "A", "FAILED"), (3, "B", "RUNNING")):
+        db.execute("INSERT INTO tasks (run_id, task_id, process, status, submit, complete) VALUES (1, ?, ?, ?, 1000, ?)",
+                   (task_id, process, status, 1500 if status != "RUNNING" else None))
+    db.commit()
+    db.close()
+    srv = ServerProcess(tmp_path).start()
+    try:
+        api = srv.client()
+        processes = api.get("/api/workflows/1/runs/1/processes").json()["processes"]
+        assert [(p["process"], p["submitted"], p["running"], p["completed"], p["failed"]) for p in processes] == [
+            ("B", 2, 1, 1, 0), ("A", 1, 0, 0, 1)]
+        tasks = api.get("/api/workflows/1/runs/1/tasks").json()["tasks"]
+        assert [t["duration"] for t in tasks] == [500, 500, None]
+        run = api.get("/api/workflows/1/runs/1").json()["run"]
+        assert (run["submitted"], run["completed"], run["failed"], run["failed_tasks"]) == (3, 1, 1, [])
+    finally:
+        srv.stop()
