@@ -2663,6 +2663,7 @@ def spread(conn, run_id, process, column, count):
     about 30 ns a step, 2 ms for a process of 100,000 tasks)."""
     if not count:
         return {"min": None, "median": None, "max": None}
+
     def values(order, limit, offset):
         query = ("SELECT {column} FROM tasks WHERE run_id = ? AND process = ? AND {column} IS NOT NULL "
                  "ORDER BY {column} {order} LIMIT ? OFFSET ?").format(column=column, order=order)
