@@ -88,6 +88,7 @@ DEFAULTS = {
     "weblog_grace_seconds": 60,
     "max_tasks_per_run": 1000 * 1000,
     "ping_interval": 25,
+    "worker_absent_seconds": 30,
 }
 MAX_NAME_LENGTH = 512
 MAX_PART_HEADER_BYTES = 16 * 1024
@@ -115,7 +116,8 @@ SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-
 MAX_ANSWER_WAIT = 60  # `?wait=` on a run or a workflow
 NEXTFLOW_UNKNOWN_EXIT = 2147483647  # Integer.MAX_VALUE: a task's exit code before it is known
 # Nextflow's task states by progress: a late or repeated weblog post never moves a task back.
-TASK_STATUS_RANK = {"NEW": 0, "SUBMITTED": 1, "RUNNING": 2, "COMPLETED": 3, "FAILED": 3, "ABORTED": 3}
+# CACHED comes from the trace file only (a resumed run's tasks that did not run again).
+TASK_STATUS_RANK = {"NEW": 0, "SUBMITTED": 1, "RUNNING": 2, "COMPLETED": 3, "FAILED": 3, "ABORTED": 3, "CACHED": 3}
 TEMP_PREFIX = ".nfapi-"
 # A trace line is about 500 bytes: the cap holds a run of max_tasks_per_run tasks.
 MAX_TRACE_BYTES, MAX_TRACE_LINE_BYTES = 1024 * 1024 * 1024, 64 * 1024
@@ -645,6 +647,114 @@ MIGRATIONS = [
     );
     CREATE INDEX deliveries_due ON deliveries(next_at) WHERE status = 'pending';
     """,
+    # What a user looks at when a run goes wrong or is slow (issue 13): each task's metrics under
+    # Nextflow's names (TASK_FIELDS), the tail of a failed task's .command.err and the run's first
+    # failed tasks (remember_failed_tasks), per-process counters that triggers keep, as they keep the
+    # run's, with the indexes the processes view takes its medians from, and the workers seen.
+    # A CACHED task (the trace file reports them, the weblog never does) counts as done, as
+    # Nextflow's console counts it: a resumed run ends at "n of n".
+    """
+    ALTER TABLE tasks ADD COLUMN hash TEXT;
+    ALTER TABLE tasks ADD COLUMN native_id TEXT;
+    ALTER TABLE tasks ADD COLUMN duration INTEGER;
+    ALTER TABLE tasks ADD COLUMN realtime INTEGER;
+    ALTER TABLE tasks ADD COLUMN pcpu REAL;
+    ALTER TABLE tasks ADD COLUMN pmem REAL;
+    ALTER TABLE tasks ADD COLUMN peak_rss INTEGER;
+    ALTER TABLE tasks ADD COLUMN peak_vmem INTEGER;
+    ALTER TABLE tasks ADD COLUMN rchar INTEGER;
+    ALTER TABLE tasks ADD COLUMN wchar INTEGER;
+    ALTER TABLE tasks ADD COLUMN read_bytes INTEGER;
+    ALTER TABLE tasks ADD COLUMN write_bytes INTEGER;
+    ALTER TABLE tasks ADD COLUMN cpus INTEGER;
+    ALTER TABLE tasks ADD COLUMN memory INTEGER;
+    ALTER TABLE tasks ADD COLUMN time INTEGER;
+    ALTER TABLE tasks ADD COLUMN disk INTEGER;
+    ALTER TABLE tasks ADD COLUMN queue TEXT;
+    ALTER TABLE tasks ADD COLUMN container TEXT;
+    ALTER TABLE tasks ADD COLUMN hostname TEXT;
+    ALTER TABLE tasks ADD COLUMN error_action TEXT;
+    ALTER TABLE tasks ADD COLUMN command_err TEXT;
+    UPDATE tasks SET duration = complete - submit WHERE complete > 0 AND submit > 0;
+    ALTER TABLE runs ADD COLUMN failed_tasks TEXT;
+    CREATE INDEX tasks_failed ON tasks(run_id, task_id) WHERE status = 'FAILED';
+    CREATE INDEX tasks_by_realtime ON tasks(run_id, process, realtime) WHERE realtime IS NOT NULL;
+    CREATE INDEX tasks_by_peak_rss ON tasks(run_id, process, peak_rss) WHERE peak_rss IS NOT NULL;
+    CREATE TABLE processes (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        process TEXT NOT NULL,
+        submitted INTEGER NOT NULL DEFAULT 0,
+        running INTEGER NOT NULL DEFAULT 0,
+        completed INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        cached INTEGER NOT NULL DEFAULT 0,
+        aborted INTEGER NOT NULL DEFAULT 0,
+        realtimes INTEGER NOT NULL DEFAULT 0,
+        peak_rsses INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (run_id, process)
+    );
+    INSERT INTO processes (run_id, process, submitted, running, completed, failed, aborted)
+        SELECT run_id, process, count(*), sum(status = 'RUNNING'), sum(status = 'COMPLETED'),
+               sum(status = 'FAILED'), sum(status = 'ABORTED')
+        FROM tasks WHERE process IS NOT NULL GROUP BY run_id, process ORDER BY run_id, min(task_id);
+    CREATE TRIGGER tasks_by_process AFTER INSERT ON tasks WHEN NEW.process IS NOT NULL BEGIN
+        %(enter)s
+    END;
+    CREATE TRIGGER tasks_recounted_in_process AFTER UPDATE OF status, realtime, peak_rss ON tasks
+    WHEN NEW.process IS OLD.process AND NEW.process IS NOT NULL AND (OLD.status IS NOT NEW.status
+         OR (OLD.realtime IS NULL) != (NEW.realtime IS NULL) OR (OLD.peak_rss IS NULL) != (NEW.peak_rss IS NULL)) BEGIN
+        UPDATE processes SET running = running + (NEW.status = 'RUNNING') - (OLD.status = 'RUNNING'),
+            completed = completed + (NEW.status = 'COMPLETED') - (OLD.status = 'COMPLETED'),
+            failed = failed + (NEW.status = 'FAILED') - (OLD.status = 'FAILED'),
+            cached = cached + (NEW.status = 'CACHED') - (OLD.status = 'CACHED'),
+            aborted = aborted + (NEW.status = 'ABORTED') - (OLD.status = 'ABORTED'),
+            realtimes = realtimes + (NEW.realtime IS NOT NULL) - (OLD.realtime IS NOT NULL),
+            peak_rsses = peak_rsses + (NEW.peak_rss IS NOT NULL) - (OLD.peak_rss IS NOT NULL)
+        WHERE run_id = NEW.run_id AND process = NEW.process;
+    END;
+    CREATE TRIGGER tasks_left_process AFTER UPDATE OF process ON tasks
+    WHEN OLD.process IS NOT NEW.process AND OLD.process IS NOT NULL BEGIN
+        UPDATE processes SET submitted = submitted - 1, running = running - (OLD.status = 'RUNNING'),
+            completed = completed - (OLD.status = 'COMPLETED'), failed = failed - (OLD.status = 'FAILED'),
+            cached = cached - (OLD.status = 'CACHED'), aborted = aborted - (OLD.status = 'ABORTED'),
+            realtimes = realtimes - (OLD.realtime IS NOT NULL), peak_rsses = peak_rsses - (OLD.peak_rss IS NOT NULL)
+        WHERE run_id = OLD.run_id AND process = OLD.process;
+    END;
+    CREATE TRIGGER tasks_entered_process AFTER UPDATE OF process ON tasks
+    WHEN OLD.process IS NOT NEW.process AND NEW.process IS NOT NULL BEGIN
+        %(enter)s
+    END;
+    DROP TRIGGER tasks_counted;
+    DROP TRIGGER tasks_recounted;
+    CREATE TRIGGER tasks_counted AFTER INSERT ON tasks BEGIN
+        UPDATE runs SET submitted = submitted + 1, completed = completed + (NEW.status IN ('COMPLETED', 'CACHED')),
+                        failed = failed + (NEW.status IN ('FAILED', 'ABORTED'))
+        WHERE id = NEW.run_id;
+    END;
+    CREATE TRIGGER tasks_recounted AFTER UPDATE OF status ON tasks BEGIN
+        UPDATE runs SET completed = completed + (NEW.status IN ('COMPLETED', 'CACHED'))
+                                              - (OLD.status IN ('COMPLETED', 'CACHED')),
+                        failed = failed + (NEW.status IN ('FAILED', 'ABORTED')) - (OLD.status IN ('FAILED', 'ABORTED'))
+        WHERE id = NEW.run_id;
+    END;
+    CREATE TABLE workers (
+        name TEXT PRIMARY KEY,
+        host TEXT,
+        pid INTEGER,
+        slots INTEGER,
+        nextflow_version TEXT,
+        last_seen REAL NOT NULL
+    );
+    """ % {
+        # A task counts in its process's row (a row per process, in the order first seen).
+        "enter": """INSERT INTO processes (run_id, process, submitted, running, completed, failed, cached, aborted,
+                               realtimes, peak_rsses)
+        VALUES (NEW.run_id, NEW.process, 1, NEW.status = 'RUNNING', NEW.status = 'COMPLETED', NEW.status = 'FAILED',
+                NEW.status = 'CACHED', NEW.status = 'ABORTED', NEW.realtime IS NOT NULL, NEW.peak_rss IS NOT NULL)
+        ON CONFLICT (run_id, process) DO UPDATE SET
+            submitted = submitted + 1, running = running + excluded.running, completed = completed + excluded.completed,
+            failed = failed + excluded.failed, cached = cached + excluded.cached, aborted = aborted + excluded.aborted,
+            realtimes = realtimes + excluded.realtimes, peak_rsses = peak_rsses + excluded.peak_rsses;"""},
 ]
 
 
@@ -1407,28 +1517,43 @@ def no_workflow(workflow_id):
 RUN_COLUMNS = ("status", "pipeline", "created_at", "started_at", "finished_at", "exit_code", "error_message",
                "submitted", "completed", "failed", "cached", "resume", "nextflow_run_name", "session_id", "worker",
                "command", "console_tail", "tasks_truncated", "late_report", "revision", "pinned_nextflow_version",
-               "nextflow_version", "commit_id")
+               "nextflow_version", "commit_id", "failed_tasks")
 WORKFLOW_SELECT = """
     SELECT w.id, w.name, w.nextflow_workflow, w.nextflow_arguments, w.notify_email, r.id AS run_id, %s
     FROM workflows w""" % ", ".join("r." + c for c in RUN_COLUMNS) + """
     LEFT JOIN runs r ON r.id = (SELECT max(id) FROM runs WHERE workflow_id = w.id)
 """
+NO_WORKER = "no worker is connected"
 
 
-def run_json(row, run_id):
-    """A run as clients see it; the weblog secret is cut out of the command line."""
+def run_json(row, run_id, absent_before):
+    """A run as clients see it; the weblog secret is cut out of the command line. A queued run older
+    than `absent_before` (see worker_absent_before) says that it waits for a worker."""
     run = {"id": run_id}
     run.update((column, row[column]) for column in RUN_COLUMNS)
     run["resume"] = bool(run["resume"])
     run["tasks_truncated"] = bool(run["tasks_truncated"])
     run["command"] = [redact(arg) for arg in json.loads(row["command"] or "[]")]
     run["late_report"] = json.loads(row["late_report"]) if row["late_report"] else None
+    run["failed_tasks"] = json.loads(row["failed_tasks"] or "[]")
+    waiting = row["status"] == "queued" and absent_before is not None and row["created_at"] < absent_before
+    run["waiting_for"] = NO_WORKER if waiting else None
     return run
 
 
-def workflow_json(row):
+def worker_absent_before(app, conn):
+    """now - `worker_absent_seconds` when no worker claimed or sent a heartbeat since then, else None.
+
+    An idle worker claims at least every MAX_CLAIM_WAIT seconds (a long poll) and a busy one sends a
+    heartbeat every second, so a worker not seen for longer has stopped or lost the server."""
+    since = time.time() - app.config["worker_absent_seconds"]
+    seen = conn.execute("SELECT max(last_seen) FROM workers").fetchone()[0]
+    return since if seen is None or seen < since else None
+
+
+def workflow_json(row, absent_before):
     """The seed's workflow shape, plus the latest run's `status` and that run as `run`."""
-    run = None if row["run_id"] is None else run_json(row, row["run_id"])
+    run = None if row["run_id"] is None else run_json(row, row["run_id"], absent_before)
     return {
         "id": row["id"],
         "name": row["name"],
@@ -1443,11 +1568,11 @@ def workflow_json(row):
     }
 
 
-def load_workflow(conn, workflow_id):
+def load_workflow(app, conn, workflow_id):
     row = conn.execute(WORKFLOW_SELECT + " WHERE w.id = ?", (workflow_id,)).fetchone()
     if row is None:
         raise no_workflow(workflow_id)
-    return workflow_json(row)
+    return workflow_json(row, worker_absent_before(app, conn))
 
 
 def active_run(conn, workflow_id):
@@ -1559,7 +1684,8 @@ def workflows_list(req):
     limit = req.query_int("limit", -1)
     with req.db() as conn:
         rows = conn.execute(WORKFLOW_SELECT + " ORDER BY w.id LIMIT ? OFFSET ?", (limit, offset)).fetchall()
-    return 200, {"workflows": [workflow_json(row) for row in rows]}
+        absent_before = worker_absent_before(req.app, conn)
+    return 200, {"workflows": [workflow_json(row, absent_before) for row in rows]}
 
 
 def workflows_count(req):
@@ -1579,14 +1705,14 @@ def workflow_create(req):
                                    (name, time.time())).lastrowid
     make_private_dir(req.app.workflow_dir(workflow_id))
     with req.db() as conn:
-        workflow = load_workflow(conn, workflow_id)
+        workflow = load_workflow(req.app, conn, workflow_id)
     # The document's shape, and the fields at the top level as well: nf-cloud's web UI reads `id` there.
     return 200, dict(workflow, workflow=workflow)
 
 
 def workflow_get(req, id):
     """One workflow with its latest run; `?wait=<seconds>`: once that run has ended."""
-    return 200, {"workflow": answer_when_ended(req, id, lambda conn: load_workflow(conn, id))}
+    return 200, {"workflow": answer_when_ended(req, id, lambda conn: load_workflow(req.app, conn, id))}
 
 
 def answer_when_ended(req, workflow_id, read):
@@ -1834,7 +1960,7 @@ def workflow_schedule(req, id):
         run_id = queue_run(conn, id, pipeline=name, arguments=json.dumps(arguments), params=json.dumps(params),
                   resume=int(resume), resume_session=session, revision=pipeline.get("revision"),
                   pinned_nextflow_version=pipeline.get("nextflow_version"))
-        run = run_json(conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone(), run_id)
+        run = run_json(conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone(), run_id, None)
     req.app.changes.notify(id, QUEUED_RUNS)
     return 200, {"is_scheduled": True, "run": run}
 
@@ -1961,7 +2087,7 @@ def workflow_cancel(req, id):
             queue_notifications(req.app, conn, [run["id"]])
         else:
             conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ? AND status = 'running'", (run["id"],))
-        workflow = load_workflow(conn, id)
+        workflow = load_workflow(req.app, conn, id)
     req.app.changes.notify(id)
     return 200, {"workflow": workflow}
 
@@ -2048,7 +2174,8 @@ def workflow_nextflow_log(req, id):
     idempotent: tasks are rows keyed by (run, task_id).
     """
     run_id, secret = req.query_int("run", None), req.weblog_secret()
-    refusal = weblog_refusal(req.app, known_weblog_run(req, id, run_id), secret)
+    run = known_weblog_run(req, id, run_id)
+    refusal = weblog_refusal(req.app, run, secret)
     if refusal:
         raise refusal
     if req.body_left > MAX_WEBLOG_BYTES:
@@ -2066,6 +2193,9 @@ def workflow_nextflow_log(req, id):
     refusal = req.app.db.write_together(record)
     if refusal:
         raise refusal
+    trace = message.get("trace")
+    if isinstance(trace, dict) and trace.get("status") == "FAILED":
+        remember_failed_tasks(req.app, run)  # a file read and a write more, for failed tasks only
     req.app.changes.notify(id)
     return 200, None
 
@@ -2158,9 +2288,13 @@ def matches(pattern, value):
 
 
 def record_task(app, conn, run, trace):
-    """Upsert one task. Its status only moves forward (a late RUNNING never undoes COMPLETED, and a
-    final status never changes), so a repeated or reordered post counts once; triggers keep the
-    run's counters. Past `max_tasks_per_run` tasks, new ones are left out and the run says so."""
+    """Upsert one task from a trace record: a weblog post's `trace`, or a row of Nextflow's trace file
+    (raw values) as a dict keyed by the same field names. Each field of TASK_FIELDS is kept in
+    Nextflow's unit when it is what that field can be, else null; a field a record leaves out keeps
+    what an earlier one said. Its status only moves forward (a late RUNNING never undoes COMPLETED,
+    and a final status never changes), so a repeated or reordered post counts once; triggers keep the
+    run's and the processes' counters. Past `max_tasks_per_run` tasks, new ones are left out and the
+    run says so."""
     task_id, status = trace.get("task_id"), trace.get("status")
     if not is_int(task_id) or not 0 < task_id <= MAX_TASK_ID or status not in TASK_STATUS_RANK:
         return
@@ -2168,28 +2302,7 @@ def record_task(app, conn, run, trace):
             "SELECT 1 FROM tasks WHERE run_id = ? AND task_id = ?", (run["id"], task_id)).fetchone() is None:
         conn.execute("UPDATE runs SET tasks_truncated = 1 WHERE id = ? AND tasks_truncated = 0", (run["id"],))
         return
-    exit_code = trace.get("exit")
-    conn.execute(UPSERT_TASK, (
-        run["id"], task_id, text_or_none(trace.get("name")), text_or_none(trace.get("process")),
-        text_or_none(trace.get("tag")), status,
-        exit_code if is_int(exit_code) and exit_code != NEXTFLOW_UNKNOWN_EXIT else None,
-        epoch_ms(trace.get("submit")), epoch_ms(trace.get("start")), epoch_ms(trace.get("complete")),
-        trace.get("attempt") if is_int(trace.get("attempt")) else None, text_or_none(trace.get("workdir"))))
-
-
-def status_rank_sql(column):
-    return "CASE %s %s END" % (column, " ".join("WHEN '%s' THEN %d" % item for item in TASK_STATUS_RANK.items()))
-
-
-UPSERT_TASK = """
-    INSERT INTO tasks (run_id, task_id, name, process, tag, status, exit, submit, start, complete, attempt, workdir)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-    ON CONFLICT (run_id, task_id) DO UPDATE SET
-        name = excluded.name, process = excluded.process, tag = excluded.tag, status = excluded.status,
-        exit = excluded.exit, submit = excluded.submit, start = excluded.start, complete = excluded.complete,
-        attempt = excluded.attempt, workdir = excluded.workdir
-    WHERE excluded.status = tasks.status OR (%(old)s < 3 AND %(new)s >= %(old)s)
-""" % {"old": status_rank_sql("tasks.status"), "new": status_rank_sql("excluded.status")}
+    conn.execute(UPSERT_TASK, [run["id"], task_id, status] + [keep(trace.get(name)) for name, _, keep in TASK_FIELDS])
 
 
 def text_or_none(value):
@@ -2199,6 +2312,55 @@ def text_or_none(value):
 
 def epoch_ms(value):
     return value if is_int(value) and value > 0 else None
+
+
+def amount(value):
+    """Bytes, milliseconds or a count."""
+    return value if is_int(value) and value >= 0 else None
+
+
+def percent(value):
+    if is_int(value) or isinstance(value, float) and math.isfinite(value):  # json reads 1e999 as inf
+        return float(value) if value >= 0 else None
+    return None
+
+
+def exit_status(value):
+    return value if is_int(value) and value != NEXTFLOW_UNKNOWN_EXIT else None
+
+
+def job_id(value):
+    """The executor's id of the task: a number (the local PID) or a grid job id such as "4507361.pbs"."""
+    return str(value) if is_int(value) else text_or_none(value)
+
+
+# Nextflow's trace field, its column in `tasks`, and how a value is kept (None: not something the
+# field can be). Units are Nextflow's: epoch milliseconds, milliseconds, bytes, percent.
+TASK_FIELDS = (
+    ("name", "name", text_or_none), ("process", "process", text_or_none), ("tag", "tag", text_or_none),
+    ("hash", "hash", text_or_none), ("native_id", "native_id", job_id), ("attempt", "attempt", amount),
+    ("exit", "exit", exit_status), ("submit", "submit", epoch_ms), ("start", "start", epoch_ms),
+    ("complete", "complete", epoch_ms), ("duration", "duration", amount), ("realtime", "realtime", amount),
+    ("%cpu", "pcpu", percent), ("%mem", "pmem", percent), ("peak_rss", "peak_rss", amount),
+    ("peak_vmem", "peak_vmem", amount), ("rchar", "rchar", amount), ("wchar", "wchar", amount),
+    ("read_bytes", "read_bytes", amount), ("write_bytes", "write_bytes", amount), ("cpus", "cpus", amount),
+    ("memory", "memory", amount), ("time", "time", amount), ("disk", "disk", amount), ("queue", "queue", text_or_none),
+    ("container", "container", text_or_none), ("hostname", "hostname", text_or_none),
+    ("error_action", "error_action", text_or_none), ("workdir", "workdir", text_or_none),
+)
+
+
+def status_rank_sql(column):
+    return "CASE %s %s END" % (column, " ".join("WHEN '%s' THEN %d" % item for item in TASK_STATUS_RANK.items()))
+
+
+UPSERT_TASK = """
+    INSERT INTO tasks (run_id, task_id, status, %(columns)s) VALUES (?, ?, ?, %(marks)s)
+    ON CONFLICT (run_id, task_id) DO UPDATE SET status = excluded.status, %(updates)s
+    WHERE excluded.status = tasks.status OR (%(old)s < 3 AND %(new)s >= %(old)s)
+""" % {"columns": ", ".join(column for _, column, _ in TASK_FIELDS), "marks": ", ".join("?" for _ in TASK_FIELDS),
+       "updates": ", ".join("%s = coalesce(excluded.%s, tasks.%s)" % ((column,) * 3) for _, column, _ in TASK_FIELDS),
+       "old": status_rank_sql("tasks.status"), "new": status_rank_sql("excluded.status")}
 
 
 # ==== Nextflow's trace file ====
@@ -2232,6 +2394,8 @@ def reconcile_tasks(req, workflow_id, run_id, claim_secret):
             for row in rows[start:start + TRACE_BATCH]:
                 # The run is read for each row: record_task counts its tasks against max_tasks_per_run.
                 record_task(req.app, conn, weblog_run(conn, workflow_id, run_id), row)
+    if any(row.get("status") == "FAILED" for row in rows):
+        remember_failed_tasks(req.app, run)
 
 
 def read_trace(path):
@@ -2292,6 +2456,7 @@ def worker_claim(req):
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_CLAIM_WAIT:
         raise ApiError(422, "wait", "must be a number of seconds from 0 to %d" % MAX_CLAIM_WAIT)
     host = weblog_host(req)
+    record_worker(req.app, worker, worker_description(body))
     deadline = time.monotonic() + wait
     while True:
         generation = req.app.changes.generation
@@ -2451,22 +2616,78 @@ def worker_heartbeat(req):
     if not isinstance(claims, list) or len(claims) > 1000 or not all(
             isinstance(c, dict) and is_int(c.get("run_id")) and isinstance(c.get("claim_secret"), str) for c in claims):
         raise ApiError(422, "runs", "must be a list of {run_id, claim_secret}, one for each run the worker holds")
-    cancel, gone = [], []
+    cancel, gone, workers = [], [], set()
     if not claims:
         return 200, {"cancel": cancel, "gone": gone}
     now = time.time()
     with req.app.db.write() as conn:
         for claim in claims:
-            run = conn.execute("SELECT status, claim_secret, cancel_requested FROM runs WHERE id = ?",
+            run = conn.execute("SELECT status, claim_secret, cancel_requested, worker FROM runs WHERE id = ?",
                                (claim["run_id"],)).fetchone()
             if run is None or run["status"] != "running" or not holds_claim(run, claim["claim_secret"]):
                 gone.append(claim["run_id"])
                 continue
             conn.execute("UPDATE runs SET lease_until = ?, confirmed_at = coalesce(confirmed_at, ?) WHERE id = ?",
                          (now + req.app.config["lease_seconds"], now, claim["run_id"]))
+            workers.add(run["worker"])
             if run["cancel_requested"]:
                 cancel.append(claim["run_id"])
+        # The runs a worker holds name it: a busy worker is seen by its heartbeats.
+        conn.execute("UPDATE workers SET last_seen = ? WHERE name IN (%s)" % ", ".join("?" * len(workers)),
+                     [now] + sorted(workers))
     return 200, {"cancel": cancel, "gone": gone}
+
+
+# ==== Workers ====
+# Who is working: each claim records its worker (name, host, pid, slots, Nextflow version) and when
+# it was seen; heartbeats update that time. A user learns that no worker is there from
+# GET /api/workers and from a queued run's `waiting_for` (see worker_absent_before).
+
+WORKERS_SHOWN_SECONDS = 3600
+
+
+def worker_description(body):
+    """(host, pid, slots, nextflow_version) from a claim; each null when a worker does not send it."""
+    checks = (("host", str, 1, 255, "a host name of 1 to 255 characters"),
+              ("pid", int, 1, 2 ** 31 - 1, "a process id"),
+              ("slots", int, 1, 10 ** 6, "the number of runs the worker runs at once"),
+              ("nextflow_version", str, 1, 100, "the version `nextflow -version` printed, such as 24.10.0"))
+    values = []
+    for key, kind, low, high, what in checks:
+        value = body.get(key)
+        size = len(value) if kind is str and isinstance(value, str) else value
+        if value is not None and not (isinstance(value, kind) and not isinstance(value, bool) and low <= size <= high):
+            raise ApiError(422, key, "must be %s, or null" % what)
+        values.append(value)
+    return tuple(values)
+
+
+def record_worker(app, name, description):
+    """Remember a worker as seen now; workers not seen for WORKERS_SHOWN_SECONDS are forgotten."""
+    now = time.time()
+    with app.db.write() as conn:
+        conn.execute("DELETE FROM workers WHERE last_seen < ?", (now - WORKERS_SHOWN_SECONDS,))
+        conn.execute("INSERT INTO workers (name, host, pid, slots, nextflow_version, last_seen) VALUES (?, ?, ?, ?, ?, ?) "
+                     "ON CONFLICT (name) DO UPDATE SET host = excluded.host, pid = excluded.pid, slots = excluded.slots, "
+                     "nextflow_version = excluded.nextflow_version, last_seen = excluded.last_seen",
+                     (name,) + description + (now,))
+
+
+def workers_list(req):
+    """The workers seen in the last hour, the most recently seen first, with the runs they hold.
+    `connected`: seen within `worker_absent_seconds` (an idle worker claims every 20 s)."""
+    now = time.time()
+    with req.db() as conn:
+        rows = conn.execute("SELECT * FROM workers WHERE last_seen >= ? ORDER BY last_seen DESC, name",
+                            (now - WORKERS_SHOWN_SECONDS,)).fetchall()
+        held = collections.defaultdict(list)
+        for run in conn.execute("SELECT worker, id FROM runs WHERE status = 'running' ORDER BY id"):
+            held[run["worker"]].append(run["id"])
+    absent_before = now - req.app.config["worker_absent_seconds"]
+    return 200, {"workers": [{"name": row["name"], "host": row["host"], "pid": row["pid"], "slots": row["slots"],
+                              "nextflow_version": row["nextflow_version"], "runs": held[row["name"]],
+                              "last_seen": row["last_seen"], "connected": row["last_seen"] >= absent_before}
+                             for row in rows]}
 
 
 # ==== Runs, logs and downloads ====
@@ -2490,12 +2711,14 @@ def workflow_runs(req, id):
         workflow_row(conn, id)
         rows = conn.execute("SELECT * FROM runs WHERE workflow_id = ? ORDER BY id DESC LIMIT ? OFFSET ?",
                             (id, limit, offset)).fetchall()
-    return 200, {"runs": [run_json(row, row["id"]) for row in rows]}
+        absent_before = worker_absent_before(req.app, conn)
+    return 200, {"runs": [run_json(row, row["id"], absent_before) for row in rows]}
 
 
 def workflow_run(req, id, run_id):
     """One run of the workflow; `?wait=<seconds>`: once it has ended."""
-    return 200, {"run": answer_when_ended(req, id, lambda conn: run_json(run_row(conn, id, run_id), run_id))}
+    return 200, {"run": answer_when_ended(req, id, lambda conn: run_json(
+        run_row(conn, id, run_id), run_id, worker_absent_before(req.app, conn)))}
 
 
 def workflow_run_relaunch(req, id, run_id):
@@ -2522,7 +2745,7 @@ def workflow_run_relaunch(req, id, run_id):
         refuse_if_active(conn, id, "relaunch a run")
         new_id = queue_run(conn, id, pipeline=old["pipeline"], arguments=old["arguments"], params=old["params"],
                            resume=int(resume), resume_session=session, **as_it_ran(old, pipeline))
-        run = run_json(conn.execute("SELECT * FROM runs WHERE id = ?", (new_id,)).fetchone(), new_id)
+        run = run_json(conn.execute("SELECT * FROM runs WHERE id = ?", (new_id,)).fetchone(), new_id, None)
     req.app.changes.notify(id, QUEUED_RUNS)
     return 200, {"run": run}
 
@@ -2557,9 +2780,9 @@ def workflow_run_tasks(req, id, run_id):
 
 
 def task_json(row):
-    task = {key: row[key] for key in ("task_id", "name", "process", "tag", "status", "exit", "attempt", "submit",
-                                      "start", "complete", "workdir")}
-    task["duration"] = row["complete"] - row["submit"] if row["complete"] and row["submit"] else None
+    """A task under Nextflow's trace field names; null for what Nextflow did not report."""
+    task = {"task_id": row["task_id"], "status": row["status"]}
+    task.update((name, row[column]) for name, column, _ in TASK_FIELDS)
     return task
 
 
@@ -2597,9 +2820,7 @@ def read_log(path, offset, secrets, growing):
     """(up to LOG_CHUNK_BYTES of the log from `offset` with `secrets` masked, the log's size).
 
     Nextflow and the pipeline write in the launch folder, so the log is opened without following a
-    link or waiting for a FIFO's writer, and served only if it is a regular file. Masks keep the
-    length, so offsets stay true. The bytes read around the chunk catch a secret across its edges;
-    while the log `growing`, an end that could be the start of a secret is held back.
+    link or waiting for a FIFO's writer, and served only if it is a regular file.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -2609,22 +2830,29 @@ def read_log(path, offset, secrets, growing):
         return b"", 0
     except OSError:
         raise not_a_log()
-    try:
+    with Descriptor(fd):
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise not_a_log()
-        if offset > st.st_size:
-            raise ApiError(416, "offset", "the log has only %d bytes" % st.st_size)
-        margin = max(len(secret) for secret in secrets) - 1
-        start = max(0, offset - margin)
-        wanted = offset - start + LOG_CHUNK_BYTES + margin
-        window = mask_secrets(os.pread(fd, wanted, start), secrets)
-    finally:
-        os.close(fd)
+        return read_masked(fd, st.st_size, offset, secrets, growing), st.st_size
+
+
+def read_masked(fd, size, offset, secrets, growing):
+    """Up to LOG_CHUNK_BYTES of the open file `fd` of `size` bytes from `offset`, with `secrets` masked.
+
+    Masks keep the length, so offsets stay true. The bytes read around the chunk catch a secret across
+    its edges; while the file is `growing`, an end that could be the start of a secret is held back.
+    """
+    if offset > size:
+        raise ApiError(416, "offset", "the file has only %d bytes" % size)
+    margin = max(len(secret) for secret in secrets) - 1
+    start = max(0, offset - margin)
+    wanted = offset - start + LOG_CHUNK_BYTES + margin
+    window = mask_secrets(os.pread(fd, wanted, start), secrets)
     end = len(window)
     if growing and end < wanted:
         end -= max((n for secret in secrets for n in range(1, len(secret)) if window.endswith(secret[:n])), default=0)
-    return window[offset - start:min(end, offset - start + LOG_CHUNK_BYTES)], st.st_size
+    return window[offset - start:min(end, offset - start + LOG_CHUNK_BYTES)]
 
 
 def not_a_log():
@@ -2913,7 +3141,7 @@ class Courier:
         notify = self.app.config["notify"]
         try:
             with self.app.db.connection() as conn:
-                message = run_notification(conn, delivery["run_id"])
+                message = run_notification(self.app, conn, delivery["run_id"])
             if delivery["channel"] == "webhook":
                 hook = next((h for h in notify["webhooks"] if h["url"] == delivery["target"]), None)
                 if hook is None:
@@ -2941,12 +3169,12 @@ class Courier:
                              ("failed" if delivery["attempts"] + 1 >= tries else "pending", error, delivery["id"]))
 
 
-def run_notification(conn, run_id):
+def run_notification(app, conn, run_id):
     """A webhook's body for a run that ended: the workflow, the run, and one line for chat tools."""
     row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
     if row is None:
         raise DeliveryFailed("the run was deleted")
-    workflow, run = load_workflow(conn, row["workflow_id"]), run_json(row, run_id)
+    workflow, run = load_workflow(app, conn, row["workflow_id"]), run_json(row, run_id, None)
     return {"event": "run.finished", "workflow": workflow, "run": run, "text": summary_line(workflow, run)}
 
 
@@ -3053,6 +3281,216 @@ def delivery_json(row):
         url = urllib.parse.urlsplit(row["target"])
         delivery["target"] = "%s://%s/..." % (url.scheme, url.netloc)
     return delivery
+
+
+# ==== Inside a run ====
+# What a user asks when a run fails or drags: which task failed and why (its files, the run's
+# `failed_tasks`), what each process used (the processes view), and Nextflow's own report, timeline
+# and trace file. A task's work folder comes from the weblog, so it is trusted only as far as the
+# launch folder's `work/` reaches, walked by descriptor without following symlinks (task_folder).
+
+TASK_FILES = (".command.sh", ".command.err", ".command.out", ".command.log", ".command.run", ".command.trace",
+              ".exitcode")
+FAILED_TASKS_SHOWN, ERR_TAIL_LINES, ERR_TAIL_BYTES = 5, 20, 4096
+SPREADS = ("realtime", "peak_rss")  # the processes view's {min, median, max} columns (indexed: see MIGRATIONS)
+# The report and timeline are Nextflow's self-contained pages: inline scripts and styles, data: images.
+# Served from our origin, their scripts (and whatever a task name smuggled into them) could read what
+# a page of ours keeps (a web UI's stored token) and call the API. `sandbox` gives them an opaque
+# origin of their own, and default-src 'none' lets them load and send nothing.
+REPORT_POLICY = ("sandbox allow-scripts; default-src 'none'; script-src 'unsafe-inline'; "
+                 "style-src 'unsafe-inline'; img-src data:; font-src data:")
+REPORT_HEADERS = {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": REPORT_POLICY}
+
+
+def task_row(conn, run_id, task_id):
+    row = conn.execute("SELECT * FROM tasks WHERE run_id = ? AND task_id = ?", (run_id, task_id)).fetchone()
+    if row is None:
+        raise ApiError(404, "task", "no task %d in this run (yet)" % task_id)
+    return row
+
+
+def workflow_run_task(req, id, run_id, task_id):
+    """One task with every metric Nextflow reported for it."""
+    with req.db() as conn:
+        run_row(conn, id, run_id)
+        return 200, {"task": task_json(task_row(conn, run_id, task_id))}
+
+
+def workflow_run_processes(req, id, run_id):
+    """One row per process, in the order Nextflow first reported it: its tasks by status (`submitted`
+    counts them all), and the min, median and max `realtime` (ms) and `peak_rss` (bytes) of its tasks."""
+    with req.db() as conn:
+        run_row(conn, id, run_id)
+        rows = conn.execute("SELECT * FROM processes WHERE run_id = ? ORDER BY rowid", (run_id,)).fetchall()
+        return 200, {"processes": [process_json(conn, row) for row in rows]}
+
+
+def process_json(conn, row):
+    process = {key: row[key] for key in ("process", "submitted", "running", "completed", "failed", "cached", "aborted")}
+    for column, count in zip(SPREADS, (row["realtimes"], row["peak_rsses"])):
+        process[column] = spread(conn, row["run_id"], row["process"], column, count)
+    return process
+
+
+def spread(conn, run_id, process, column, count):
+    """{min, median, max} of the `count` values the process's tasks have in `column`, from its index:
+    min and max at its two ends, the median `count / 2` steps in (SQLite's OFFSET walks the index:
+    about 30 ns a step, 2 ms for a process of 100,000 tasks)."""
+    if not count:
+        return {"min": None, "median": None, "max": None}
+
+    def values(order, limit, offset):
+        query = ("SELECT {column} FROM tasks WHERE run_id = ? AND process = ? AND {column} IS NOT NULL "
+                 "ORDER BY {column} {order} LIMIT ? OFFSET ?").format(column=column, order=order)
+        return [row[0] for row in conn.execute(query, (run_id, process, limit, offset))]
+    middle = values("ASC", 2 - count % 2, (count - 1) // 2)
+    return {"min": values("ASC", 1, 0)[0], "median": sum(middle) / len(middle), "max": values("DESC", 1, 0)[0]}
+
+
+def workflow_run_task_file(req, id, run_id, task_id, name):
+    """One of Nextflow's files in the task's work folder (TASK_FILES), as text from `offset`, with
+    `X-Next-Offset` and `X-Run-Status` as the run log has; the run's secret and the tokens masked.
+    404, saying why, when the work folder is not inside the run's launch folder."""
+    if name not in TASK_FILES:
+        raise ApiError(404, "name", "only these task files are served: %s" % ", ".join(TASK_FILES))
+    offset = req.query_int("offset", 0)
+    with req.db() as conn:
+        run = run_row(conn, id, run_id)
+        task = task_row(conn, run_id, task_id)
+    with task_folder(req.app, id, task["workdir"]) as folder:
+        entry, size = open_task_file(folder, name)
+    with entry:
+        data = read_masked(entry.fd, size, offset, log_secrets(req.app, run), run["status"] in ACTIVE_RUN_STATES)
+    return 200, Body.of({"Content-Type": "text/plain; charset=utf-8", "X-Next-Offset": str(offset + len(data)),
+                         "X-Log-Size": str(size), "X-Run-Status": run["status"]}, data)
+
+
+def task_folder(app, workflow_id, workdir):
+    """The task's work folder as a Descriptor. It must name a folder below the workflow's launch
+    folder's `work/`, and is opened from the data folder's `launch/` one name at a time without
+    following symlinks: a forged `workdir` (/etc, another workflow's folder, a symlink out) is 404."""
+    work = os.path.join(app.launch_dir(workflow_id), "work")
+    if workdir is None:
+        raise ApiError(404, "workdir", "Nextflow has not reported this task's work folder")
+    rest = workdir[len(work) + 1:] if workdir.startswith(work + "/") else ""
+    names = rest.split("/") if rest and not relative_path_problem(rest) else []
+    if not names or any(name in ("", ".", "..") for name in names):
+        raise ApiError(404, "workdir", "the task's work folder %s is not inside this run's launch folder %s, so "
+                                       "its files are not served (was workDir set elsewhere?)" % (workdir, work))
+    try:
+        with Descriptor(os.open(os.path.dirname(app.launch_dir(workflow_id)), FOLDER_FLAGS)) as launch:
+            return open_folder(launch, [str(workflow_id), "work"] + names, "workdir")
+    except ApiError as e:
+        raise ApiError(404, "workdir", "the task's work folder cannot be opened: %s" % e.errors["workdir"][0])
+    except OSError as e:
+        raise ApiError(404, "workdir", "the task's work folder cannot be opened: %s" % e.strerror)
+
+
+def open_task_file(folder, name):
+    """(Descriptor, size) of the regular file `name` in the folder descriptor `folder`; 404 otherwise."""
+    try:
+        entry, st = open_entry(folder, name, "name")
+    except ApiError as e:
+        raise ApiError(404, "name", "the task's %s is not served: %s" % (name, e.errors["name"][0]))
+    except OSError as e:
+        raise ApiError(404, "name", "the task's %s cannot be read: %s" % (name, e.strerror))
+    if not stat.S_ISREG(st.st_mode):
+        entry.close()
+        raise ApiError(404, "name", "the task's %s is a folder" % name)
+    return entry, st.st_size
+
+
+def remember_failed_tasks(app, run):
+    """Keep the run's first FAILED_TASKS_SHOWN failed tasks as its `failed_tasks`, each with the last
+    lines of its .command.err read now: the run's JSON then answers what went wrong without reading a
+    file, and still does once the work folder is cleaned up. Call it, outside a transaction, after a
+    task is recorded as FAILED (the weblog does; so must a reconciliation from the trace file).
+    `run` needs its id, workflow_id and secret."""
+    shown = "SELECT task_id, name, process, exit, workdir, command_err FROM tasks " \
+            "WHERE run_id = ? AND status = 'FAILED' ORDER BY task_id LIMIT ?"
+    with app.db.connection() as conn:
+        rows = conn.execute(shown, (run["id"], FAILED_TASKS_SHOWN)).fetchall()
+    tails = [(command_err_tail(app, run, row["workdir"]), run["id"], row["task_id"])
+             for row in rows if row["command_err"] is None]
+    with app.db.write() as conn:
+        conn.executemany("UPDATE tasks SET command_err = ? WHERE run_id = ? AND task_id = ? AND command_err IS NULL",
+                         tails)
+        failed = [{key: row[key] for key in ("task_id", "name", "process", "exit", "command_err")}
+                  for row in conn.execute(shown, (run["id"], FAILED_TASKS_SHOWN))]
+        conn.execute("UPDATE runs SET failed_tasks = ? WHERE id = ?", (json.dumps(failed), run["id"]))
+    app.changes.notify(run["workflow_id"])
+
+
+def command_err_tail(app, run, workdir):
+    """The last ERR_TAIL_LINES lines (at most ERR_TAIL_BYTES) of a task's .command.err, secrets masked;
+    None when it cannot be read (see task_folder)."""
+    try:
+        with task_folder(app, run["workflow_id"], workdir) as folder:
+            entry, size = open_task_file(folder, ".command.err")
+    except ApiError:
+        return None
+    with entry:
+        start = max(0, size - ERR_TAIL_BYTES)
+        lines = read_masked(entry.fd, size, start, log_secrets(app, run), False).decode("utf-8", "replace").splitlines()
+    if start and len(lines) > 1:
+        lines = lines[1:]  # cut by the byte limit
+    return "\n".join(lines[-ERR_TAIL_LINES:])
+
+
+def workflow_run_report(req, id, run_id):
+    """Nextflow's HTML execution report of the run (written when the run ends)."""
+    return run_file(req, id, run_id, "report.html", REPORT_HEADERS)
+
+
+def workflow_run_timeline(req, id, run_id):
+    """Nextflow's HTML timeline of the run (written when the run ends)."""
+    return run_file(req, id, run_id, "timeline.html", REPORT_HEADERS)
+
+
+def workflow_run_trace(req, id, run_id):
+    """Nextflow's trace file of the run: a header line, then one tab-separated line per task."""
+    return run_file(req, id, run_id, "trace.txt", {"Content-Type": "text/plain; charset=utf-8"})
+
+
+def run_file(req, workflow_id, run_id, name, headers):
+    """A file Nextflow writes in the run folder, streamed with the run's secret and the tokens masked
+    (the report shows nextflow's command line, weblog URL included). Opened without following a link
+    or waiting for a FIFO's writer; 404 until it exists."""
+    with req.db() as conn:
+        run = run_row(conn, workflow_id, run_id)
+    try:
+        entry = Descriptor(os.open(os.path.join(req.app.run_dir(run_id), name),
+                                   os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC))
+    except FileNotFoundError:
+        raise ApiError(404, "run", "this run has no %s (yet): Nextflow writes it into the run folder" % name)
+    except OSError:
+        raise ApiError(409, "run", "the run's %s is not a regular file (a link, a FIFO...), so it is not served" % name)
+    st = os.fstat(entry.fd)
+    if not stat.S_ISREG(st.st_mode):
+        entry.close()
+        raise ApiError(409, "run", "the run's %s is not a regular file, so it is not served" % name)
+    secrets = log_secrets(req.app, run)
+
+    def send(handler):
+        with entry:
+            send_masked(handler.wfile, entry.fd, st.st_size, secrets)
+    return 200, Body(headers, st.st_size, send)
+
+
+def send_masked(out, fd, size, secrets):
+    """Write the first `size` bytes of the open file `fd` with `secrets` masked, a chunk at a time.
+    A chunk's last bytes wait for the next one: they may be the start of a secret."""
+    margin = max(len(secret) for secret in secrets) - 1
+    held, offset = b"", 0
+    while offset < size:
+        chunk = os.pread(fd, min(READ_CHUNK, size - offset), offset)
+        if not chunk:
+            raise ConnectionAbortedError("the file shrank while it was being sent")
+        offset += len(chunk)
+        data = mask_secrets(held + chunk, secrets)
+        cut = max(0, len(data) - margin) if offset < size else len(data)
+        out.write(data[:cut])
+        held = data[cut:]
 
 
 # ==== Socket.IO (polling) ====
@@ -3498,6 +3936,12 @@ ROUTES = [
     ("GET", "/api/workflows/<int:id>/runs/<int:run_id>/tasks", workflow_run_tasks),
     ("POST", "/api/workflows/<int:id>/runs/<int:run_id>/relaunch", workflow_run_relaunch),
     ("GET", "/api/workflows/<int:id>/runs/<int:run_id>/notifications", workflow_run_notifications),
+    ("GET", "/api/workflows/<int:id>/runs/<int:run_id>/tasks/<int:task_id>", workflow_run_task),
+    ("GET", "/api/workflows/<int:id>/runs/<int:run_id>/tasks/<int:task_id>/files/<name>", workflow_run_task_file),
+    ("GET", "/api/workflows/<int:id>/runs/<int:run_id>/processes", workflow_run_processes),
+    ("GET", "/api/workflows/<int:id>/runs/<int:run_id>/report", workflow_run_report),
+    ("GET", "/api/workflows/<int:id>/runs/<int:run_id>/timeline", workflow_run_timeline),
+    ("GET", "/api/workflows/<int:id>/runs/<int:run_id>/trace", workflow_run_trace),
     ("GET", "/api/workflows/<int:id>/log", workflow_log),
     ("GET", "/api/workflows/<int:id>/download", workflow_download),
     ("GET", "/api/nextflow-workflows", pipelines_list),
@@ -3506,6 +3950,7 @@ ROUTES = [
     ("POST", "/api/worker/heartbeat", worker_heartbeat),
     ("POST", "/api/worker/release", worker_release),
     ("GET", "/api/worker/check", worker_check),
+    ("GET", "/api/workers", workers_list),
     ("GET", "/api/openapi.json", openapi_json),
     ("GET", "/socket.io/", socketio_poll),
     ("POST", "/socket.io/", socketio_send),
@@ -3576,6 +4021,9 @@ STR, NUM, BOOL = {"type": "string"}, {"type": "number"}, {"type": "boolean"}
 INT = {"type": "integer", "minimum": -2 ** 63, "maximum": 2 ** 63 - 1}
 ID = {"type": "integer", "minimum": 0, "maximum": 10 ** 18 - 1}
 EMPTY_OBJECT = {"type": "object", "maxProperties": 0}
+# What each rule of TASK_FIELDS keeps.
+KEPT_AS = {text_or_none: STR, job_id: STR, percent: dict(NUM, minimum=0), epoch_ms: dict(INT, minimum=1),
+           exit_status: INT, amount: dict(INT, minimum=0)}
 RUN_STATES = list(ACTIVE_RUN_STATES + FINAL_RUN_STATES)
 
 SCHEMAS = {
@@ -3584,7 +4032,7 @@ SCHEMAS = {
                     help_text=STR, group=STR, hidden=BOOL, selectable_files=BOOL, selectable_folders=BOOL,
                     exists=BOOL, pattern=STR, integer=BOOL, minimum=NUM, maximum=NUM, is_multiline=BOOL,
                     min_length=INT, max_length=INT, options=array({})),
-    "Run": obj(RUN_COLUMNS + ("id",), id=INT, status={"enum": RUN_STATES}, pipeline=STR, created_at=NUM,
+    "Run": obj(RUN_COLUMNS + ("id", "waiting_for"), id=INT, status={"enum": RUN_STATES}, pipeline=STR, created_at=NUM,
                started_at=nullable(NUM), finished_at=nullable(NUM), exit_code=nullable(INT),
                error_message=nullable(STR), submitted=INT, completed=INT, failed=INT, cached=nullable(INT),
                resume=BOOL, nextflow_run_name=nullable(STR), session_id=nullable(STR), worker=nullable(STR),
@@ -3592,17 +4040,32 @@ SCHEMAS = {
                late_report=nullable(obj(["reported_at", "exit_code", "cancelled", "console_tail"], reported_at=NUM,
                                         exit_code=nullable(INT), cancelled=BOOL, console_tail=nullable(STR))),
                revision=nullable(STR), pinned_nextflow_version=nullable(STR), nextflow_version=nullable(STR),
-               commit_id=nullable(STR)),
+               commit_id=nullable(STR),
+               # The first FAILED_TASKS_SHOWN failed tasks; command_err: the last lines of their .command.err
+               # (null when it could not be read: a work folder outside the launch folder, or gone).
+               failed_tasks=dict(array(obj(["task_id", "name", "process", "exit", "command_err"], task_id=INT,
+                                           name=nullable(STR), process=nullable(STR), exit=nullable(INT),
+                                           command_err=nullable(STR))), maxItems=FAILED_TASKS_SHOWN),
+               # Set on a queued run older than `worker_absent_seconds` while no worker is seen.
+               waiting_for=nullable({"enum": [NO_WORKER]})),
     "Workflow": obj(["id", "name", "nextflow_arguments", "nextflow_workflow", "submitted_processes",
                      "completed_processes", "is_scheduled", "status", "run", "notify_email"],
                     id=INT, name=STR, nextflow_arguments={"type": "object", "additionalProperties": ref("Argument")},
                     nextflow_workflow=STR, submitted_processes=INT, completed_processes=INT, is_scheduled=BOOL,
                     status=nullable({"enum": RUN_STATES}), run=nullable(ref("Run")), notify_email=array(STR)),
-    "Task": obj(["task_id", "name", "process", "tag", "status", "exit", "attempt", "submit", "start", "complete",
-                 "duration", "workdir"], task_id=INT, name=nullable(STR), process=nullable(STR), tag=nullable(STR),
-                status={"enum": list(TASK_STATUS_RANK)}, exit=nullable(INT), attempt=nullable(INT),
-                submit=nullable(INT), start=nullable(INT), complete=nullable(INT), duration=nullable(INT),
-                workdir=nullable(STR)),
+    # Nextflow's trace fields and units (TASK_FIELDS): epoch ms (submit, start, complete), ms (duration,
+    # realtime, time), bytes (peak_rss, peak_vmem, rchar, wchar, read_bytes, write_bytes, memory, disk),
+    # percent (%cpu, %mem); native_id is the executor's job id (the PID for the local executor).
+    "Task": obj(("task_id", "status") + tuple(name for name, _, _ in TASK_FIELDS), task_id=INT,
+                status={"enum": list(TASK_STATUS_RANK)},
+                **{name: nullable(KEPT_AS[keep]) for name, _, keep in TASK_FIELDS}),
+    "Process": obj(["process", "submitted", "running", "completed", "failed", "cached", "aborted", "realtime",
+                    "peak_rss"], process=STR, submitted=INT, running=INT, completed=INT, failed=INT, cached=INT,
+                   aborted=INT, realtime=ref("Spread"), peak_rss=ref("Spread")),
+    "Spread": obj(["min", "median", "max"], min=nullable(NUM), median=nullable(NUM), max=nullable(NUM)),
+    "Worker": obj(["name", "host", "pid", "slots", "nextflow_version", "runs", "last_seen", "connected"], name=STR,
+                  host=nullable(STR), pid=nullable(INT), slots=nullable(INT), nextflow_version=nullable(STR),
+                  runs=array(INT), last_seen=NUM, connected=BOOL),
     "Launch": obj(["run_id", "workflow_id", "argv", "cwd", "params", "params_file", "run_dir", "config_file",
                    "config", "config_url_token", "console_log", "lease_seconds", "claim_secret",
                    "claim_confirm_seconds"], run_id=INT, workflow_id=INT, argv=array(STR), cwd=STR,
@@ -3622,7 +4085,7 @@ QUERY = {
     "wait": {"type": "integer", "minimum": 0, "maximum": MAX_ANSWER_WAIT},
     "EIO": {"enum": ["4"]}, "transport": {"enum": ["polling"]}, "sid": STR, "t": STR,
 }
-PATH_ARGS = {"id": ID, "run_id": ID, "name": STR, "ticket": STR}
+PATH_ARGS = {"id": ID, "run_id": ID, "task_id": ID, "name": STR, "ticket": STR}
 WORKER = dict(STR, minLength=1, maxLength=200)
 CLAIM = obj(["run_id", "claim_secret"], run_id=INT, claim_secret=STR)
 TEXT, BINARY, NO_CONTENT, PACKETS, HTML = "text", "binary", "empty", "engine.io packets", "html"
@@ -3660,8 +4123,19 @@ DOCS = {
     workflow_download: (["path", "format"], None, BINARY),
     pipelines_list: ([], None, obj(["nextflow_workflows"], nextflow_workflows=array(STR))),
     pipeline_arguments: ([], None, obj(["arguments"], arguments={"type": "object", "additionalProperties": ref("Argument")})),
-    worker_claim: ([], obj(["worker"], worker=WORKER, wait=dict(NUM, minimum=0, maximum=MAX_CLAIM_WAIT)),
+    workflow_run_task: ([], None, obj(["task"], task=ref("Task"))),
+    workflow_run_task_file: (["offset"], None, TEXT),
+    workflow_run_processes: ([], None, obj(["processes"], processes=array(ref("Process")))),
+    workflow_run_report: ([], None, HTML),
+    workflow_run_timeline: ([], None, HTML),
+    workflow_run_trace: ([], None, TEXT),
+    worker_claim: ([], obj(["worker"], worker=WORKER, wait=dict(NUM, minimum=0, maximum=MAX_CLAIM_WAIT),
+                           host=nullable(dict(STR, minLength=1, maxLength=255)),
+                           pid=nullable(dict(INT, minimum=1, maximum=2 ** 31 - 1)),
+                           slots=nullable(dict(INT, minimum=1, maximum=10 ** 6)),
+                           nextflow_version=nullable(dict(STR, minLength=1, maxLength=100))),
                    obj(["run"], run=nullable(ref("Launch")))),
+    workers_list: ([], None, obj(["workers"], workers=array(ref("Worker")))),
     worker_heartbeat: ([], obj(["runs"], worker=WORKER, runs=dict(array(CLAIM), maxItems=1000)),
                        obj(["cancel", "gone"], cancel=array(INT), gone=array(INT))),
     worker_release: ([], CLAIM, EMPTY_OBJECT),
@@ -3718,6 +4192,9 @@ def openapi_operation(handler, path_args):
         operation["responses"]["200"] = {"description": "done (empty body)"}
     elif answer == TEXT:
         operation["responses"]["200"] = {"description": "text from `offset`", "content": {"text/plain": {"schema": STR}}}
+    elif answer == HTML:
+        operation["responses"]["200"] = {"description": "Nextflow's self-contained page, sandboxed by its "
+                                                        "Content-Security-Policy", "content": {"text/html": {"schema": STR}}}
     elif answer == PACKETS:
         operation["responses"]["200"] = {"description": "Engine.IO packets joined by the record separator (\\x1e), "
                                                         "or `ok` for a POST", "content": {"text/plain": {"schema": STR}}}

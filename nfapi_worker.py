@@ -379,8 +379,9 @@ class Worker:
                 continue
             try:
                 self.claim_connection = self.api.connection(CLAIM_WAIT_SECONDS + 30)
-                launch = self.api.post("/api/worker/claim", {"worker": self.name, "wait": CLAIM_WAIT_SECONDS},
-                                       connection=self.claim_connection).get("run")
+                claim = {"worker": self.name, "wait": CLAIM_WAIT_SECONDS, "host": socket.gethostname(),
+                         "pid": os.getpid(), "slots": self.slots, "nextflow_version": self.nextflow_version}
+                launch = self.api.post("/api/worker/claim", claim, connection=self.claim_connection).get("run")
                 if launch is not None and not is_launch(launch):
                     raise Unavailable("the claim answer is not a launch: %r" % (launch,))
             except Unavailable as e:

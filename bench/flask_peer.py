@@ -8,10 +8,10 @@ secret check, and record_weblog (for a task event, record_task's upsert), in one
 transaction. So the comparison measures the stack, not the SQL.
 """
 
-import hmac
 import os
 import sys
 import threading
+import types
 
 from flask import Flask, request
 
@@ -20,6 +20,7 @@ import nfapi  # noqa: E402
 
 app = Flask(__name__)
 local = threading.local()
+SETTINGS = types.SimpleNamespace(config=dict(nfapi.DEFAULTS))  # what nfapi's App gives record_weblog
 
 
 def connection():
@@ -36,10 +37,10 @@ def nextflow_log(id):
     conn = connection()
     conn.execute("BEGIN IMMEDIATE")
     try:
-        row = conn.execute("SELECT secret FROM runs WHERE id = ? AND workflow_id = ?", (run_id, id)).fetchone()
-        known = row is not None and hmac.compare_digest(secret.encode(), row["secret"].encode())
+        run = nfapi.weblog_run(conn, id, run_id)
+        known = nfapi.weblog_refusal(SETTINGS, run, secret) is None
         if known:
-            nfapi.record_weblog(conn, run_id, message)
+            nfapi.record_weblog(SETTINGS, conn, run, message)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

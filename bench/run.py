@@ -7,7 +7,7 @@ same file on the same disk for uploads and downloads. Goals are the ones in issu
 weblog is also compared with a peer: the seed's stack (Flask under gunicorn, bench/flask_peer.py)
 doing the same SQLite work, installed into bench/.venv from bench/requirements.txt.
 
-`python3 bench/run.py weblog` (or listing, launch, transfer) runs only those rows.
+`python3 bench/run.py weblog` (or listing, processes, launch, transfer) runs only those rows.
 """
 
 import contextlib
@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import pathlib
 import platform
+import random
 import re
 import shutil
 import socket
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -511,6 +513,59 @@ def bench_listing(tmp, config):
         server.stop()
 
 
+# ==== Processes view ====
+
+PROCESS_SIZES = {"FASTQC": 50000, "ALIGN": 25000, "COUNT": 15000, "MULTIQC": 10000}  # 100,000 tasks
+
+
+def bench_processes(tmp, config):
+    """GET .../processes of a run of 100,000 tasks. The tasks go in through nfapi's own record_task
+    (what a weblog post does), the server stopped, so that filling the database takes seconds."""
+    data = os.path.join(tmp, "processes-data")
+    server = Server(tmp, config, data)
+    try:
+        (wid, _), = claimed_runs(server, 1, tmp)
+    finally:
+        server.stop()
+    sys.path.insert(0, ROOT)
+    import nfapi  # noqa: E402  (the server under test, as a library)
+    db = nfapi.Database(os.path.join(data, "nfapi.sqlite3"))
+    app = types.SimpleNamespace(config={"max_tasks_per_run": 10 ** 6})  # all record_task reads of the App
+    run = dict(db.writer.execute("SELECT * FROM runs").fetchone())
+    values = random.Random(13)
+    realtimes = {name: [] for name in PROCESS_SIZES}
+    traces = []
+    for name, size in PROCESS_SIZES.items():
+        for _ in range(size):
+            realtimes[name].append(values.randint(1000, 10 ** 7))
+            traces.append({"task_id": len(traces) + 1, "status": "COMPLETED", "process": name, "exit": 0,
+                           "realtime": realtimes[name][-1], "peak_rss": values.randint(1, 1 << 34), "%cpu": 99.5})
+    values.shuffle(traces)  # processes run interleaved
+    for start in range(0, len(traces), 10000):
+        with db.write() as conn:
+            for trace in traces[start:start + 10000]:
+                nfapi.record_task(app, conn, run, trace)
+    db.close()
+    server = Server(tmp, config, data)
+    try:
+        path = "/api/workflows/%d/runs/%d/processes" % (wid, run["id"])
+        c = server.conn()
+        times = []
+        for _ in range(100):
+            start = time.perf_counter()
+            c.request("GET", path, headers={"Authorization": "Bearer " + TOKEN})
+            resp = c.getresponse()
+            answer = json.loads(resp.read())
+            times.append((time.perf_counter() - start) * 1000)
+        right = [p["realtime"]["median"] for p in answer["processes"]] == [
+            statistics.median(realtimes[p["process"]]) for p in answer["processes"]]
+        median = statistics.median(times)
+        row("Processes view of a run of 100,000 tasks, 4 processes (median ms)",
+            "%.2f; medians %s" % (median, "right" if right else "WRONG"), "-", "-", "< 20 ms", median < 20 and right)
+    finally:
+        server.stop()
+
+
 # ==== Launch latency ====
 
 def bench_launch(tmp, config):
@@ -565,7 +620,7 @@ def main():
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="nfapi-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
         config = write_config(pathlib.Path(tmp))
-        chosen = sys.argv[1:] or ["weblog", "listing", "launch", "transfer"]
+        chosen = sys.argv[1:] or ["weblog", "listing", "processes", "launch", "transfer"]
         for bench in (globals()["bench_" + name] for name in chosen):
             sub = os.path.join(tmp, bench.__name__)
             os.makedirs(sub)

@@ -614,7 +614,7 @@ class Task:
         os.makedirs(self.workdir, exist_ok=True)
         failing = self.process == run.fail_process and self.index == 1
         # `exec` so a kill reaches the task itself, as .command.run's TERM trap makes sure in Nextflow.
-        script = "exit 1" if failing else "exec sleep %s" % run.task_seconds
+        script = FAILING_SCRIPT % self.name if failing else "exec sleep %s" % run.task_seconds
         with open(os.path.join(self.workdir, ".command.sh"), "w") as f:
             f.write("#!/bin/bash -ue\n%s\n" % script)
         self.submit = now_ms()
@@ -624,7 +624,7 @@ class Task:
         with run.lock:
             if run.stopping:
                 return self.finish("ABORTED", UNKNOWN_EXIT)
-            self.proc = subprocess.Popen(["sh", "-c", script], cwd=self.workdir)
+            self.proc = start_task(script, self.workdir)
         self.start, self.status = now_ms(), "RUNNING"
         run.emit("process_started", self)
         returncode = self.proc.wait()
@@ -656,6 +656,18 @@ def publish(task):
     os.makedirs(outdir, exist_ok=True)  # relative to the launch folder, as in Nextflow
     with open(os.path.join(outdir, task.process.lower() + ".txt"), "a") as f:
         f.write("%s: output of the stand-in (tests/fake_nextflow.py runs no pipeline)\n" % task.name)
+
+
+# What the FAKE_NF_FAIL task prints before it fails: its .command.err ends with these lines.
+FAILING_SCRIPT = "echo 'fake task %s: starting' >&2; echo 'ERROR: fake failure (FAKE_NF_FAIL)' >&2; exit 1"
+
+
+def start_task(script, workdir):
+    """The task's process, its stdout and stderr in the work folder's .command.out and .command.err,
+    where Nextflow's .command.run sends them."""
+    with open(os.path.join(workdir, ".command.out"), "wb") as out, \
+            open(os.path.join(workdir, ".command.err"), "wb") as err:
+        return subprocess.Popen(["sh", "-c", script], cwd=workdir, stdout=out, stderr=err)
 
 
 def now_ms():
