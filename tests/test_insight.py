@@ -11,7 +11,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import FINAL_STATES, ServerProcess, ready_workflow, wait_final, wait_for
+from conftest import FINAL_STATES, ServerProcess, ready_workflow, wait_final, wait_for, weblog_target
 
 LOG_CHUNK = 1024 * 1024  # nfapi.LOG_CHUNK_BYTES: one answer of a task file, as of the run log
 FAILING_LINES = "fake task COUNT_LINES (1): starting\nERROR: fake failure (FAKE_NF_FAIL)"  # tests/fake_nextflow.py
@@ -28,8 +28,7 @@ def claimed_run(api, name="insight"):
     launch = api.post("/api/worker/claim", {"worker": "test", "wait": 0}).json()["run"]
     claim = {"run_id": launch["run_id"], "claim_secret": launch["claim_secret"]}
     assert api.post("/api/worker/heartbeat", {"runs": [claim]}).json() == {"cancel": [], "gone": []}
-    argv = launch["argv"]
-    target = urllib.parse.urlsplit(argv[argv.index("-with-weblog") + 1])
+    target = weblog_target(launch)
     return wid, launch["run_id"], target, urllib.parse.parse_qs(target.query)["token"][0]
 
 
