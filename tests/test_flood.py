@@ -8,6 +8,7 @@ import contextlib
 import os
 import re
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import ServerProcess, multipart_body, ready_workflow, wait_for, write_config
+from conftest import ServerProcess, WorkerProcess, multipart_body, ready_workflow, wait_final, wait_for, write_config
 
 WRONG_WEBLOG = b"POST /api/workflows/1/nextflow-log?run=1&token=wrong HTTP/1.1\r\nHost: x\r\n" \
                b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
@@ -176,6 +177,30 @@ def test_no_run_is_lost_during_a_flood(stand):
     assert "heartbeat failed" not in worker.output()
 
 
+def test_a_body_must_keep_a_minimum_rate(tmp_path):
+    # Each byte comes well within client_timeout, but the whole body cannot come in time.
+    srv = ServerProcess(tmp_path, config=write_config(tmp_path, client_timeout=2)).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=0.5)
+        sock.sendall(("POST /api/workflows/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                      "Content-Length: 1000\r\n\r\n" % srv.token).encode())
+        start = time.monotonic()
+        closed = None
+        while closed is None and time.monotonic() - start < 15:
+            try:
+                sock.sendall(b" ")
+                closed = sock.recv(100) == b""
+            except socket.timeout:
+                pass
+            except ConnectionError:
+                closed = True
+        print("a body at 2 bytes/s: the server closed the connection after %.1f s" % (time.monotonic() - start))
+        assert closed
+        sock.close()
+    finally:
+        srv.stop()
+
+
 def closed_by_server(sock):
     """Whether the server closed `sock` (a non-blocking socket that never sent anything)."""
     try:
@@ -212,25 +237,61 @@ def test_when_descriptors_run_short_the_oldest_waiting_connections_go_first(tmp_
     assert "Traceback" not in srv.output()
 
 
-def test_503_answers_are_counted_in_the_log(tmp_path):
-    srv = ServerProcess(tmp_path, config=write_config(tmp_path, max_connections=2)).start()
-    # Two requests whose bodies never come hold the two threads.
-    holders = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
-    try:
-        for sock in holders:
+@contextlib.contextmanager
+def every_thread_taken(srv, count):
+    """Requests whose bodies never come hold all `count` threads (the server's max_connections)."""
+    holders = []
+
+    def taken():
+        for sock in [s for s in holders if select.select([s], [], [], 0)[0]]:  # answered 503: again
+            holders.remove(sock)
+            sock.close()
+        while len(holders) < count:
+            sock = socket.create_connection(("127.0.0.1", srv.port))
             sock.sendall(("POST /api/workflows/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
                           "Content-Length: 100\r\n\r\n" % srv.token).encode())
-        wait_for(lambda: timed_requests(srv, 1)[0] == [503], message="both threads taken")
-        statuses, _ = timed_requests(srv, 100)
-        assert statuses == [503] * 100
+            holders.append(sock)
+        return timed_requests(srv, 1)[0] == [503]
+    try:
+        wait_for(taken, message="every thread taken")
+        yield
     finally:
         for sock in holders:
             sock.close()
     wait_for(lambda: timed_requests(srv, 1)[0] == [200], message="the threads to be free again")
+
+
+def test_503_answers_are_counted_in_the_log(tmp_path):
+    srv = ServerProcess(tmp_path, config=write_config(tmp_path, max_connections=2)).start()
+    with every_thread_taken(srv, 2):
+        statuses, _ = timed_requests(srv, 100)
+        assert statuses == [503] * 100
     srv.stop()
     lines = [line for line in srv.output().splitlines() if line.startswith("nfapi: answered")]
     assert 1 <= len(lines) <= 2, lines
     assert re.match(r"nfapi: answered [0-9]+ requests with 503 in the last 10 s", lines[0]), lines
+
+
+def test_a_run_is_not_lost_while_the_server_refuses_its_heartbeats(tmp_path):
+    srv = ServerProcess(tmp_path, config=write_config(tmp_path, lease_seconds=2, max_connections=2)).start()
+    worker = WorkerProcess(srv, tmp_path, env={"FAKE_NF_TASK_SECONDS": "4"}).start()
+    try:
+        api = srv.client()
+        wid = ready_workflow(api)
+        assert api.post("/api/workflows/%d/schedule" % wid).status == 200
+        wait_for(lambda: api.get("/api/workflows/%d" % wid).json()["workflow"]["submitted_processes"] == 1,
+                 message="the run to start")
+        api.conn.close()
+        with every_thread_taken(srv, 2):
+            # Three heartbeats refused: longer than a lease.
+            wait_for(lambda: worker.output().count("heartbeat failed") >= 3, message="heartbeats refused")
+        assert srv.client().get("/api/workflows/%d" % wid).json()["workflow"]["status"] == "running"
+        wf = wait_final(srv.client(), wid, timeout=30)
+        assert wf["status"] == "succeeded" and wf["run"]["exit_code"] == 0
+    finally:
+        worker.stop()
+        srv.stop()
+    assert "Traceback" not in srv.output()
 
 
 # ==== Issue 12: an orderly stop ====
