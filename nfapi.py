@@ -23,9 +23,11 @@ Data layout under --data (created 0700, files 0600):
 
 Limits (configurable): JSON bodies up to `max_json_bytes` (1 MiB), uploads up to `max_upload_bytes`
 (no limit by default), multipart part headers up to 16 KiB; a request head must arrive within
-`header_timeout` seconds and a body may stall `client_timeout` seconds; at most `max_connections`
-connections are served at once (503 past that). Every route and answer is described by
-GET /api/openapi.json. Runs on Python 3.8+ and SQLite 3.24+.
+`header_timeout` seconds; a body may stall `client_timeout` seconds and must arrive within
+`client_timeout` seconds plus 1 s per 16 KiB; at most `max_connections` requests are handled at
+once (503 past that). A connection that has not sent a whole request head costs a descriptor, not a
+thread: when descriptors run short, the ones that waited longest are closed. Every route and
+answer is described by GET /api/openapi.json. Runs on Python 3.8+ and SQLite 3.24+.
 """
 
 import argparse
@@ -2092,6 +2094,10 @@ class Refusals:
             return self.written + REFUSAL_LOG_SECONDS if self.counts else None
 
 
+def oldest(queue):
+    return next(iter(queue.values()))
+
+
 class Waiting:
     """A connection in the waiting room: what it sent so far and until when (time.monotonic()) it may wait."""
 
@@ -2110,7 +2116,7 @@ class WaitingRoom:
     (Server.start_request). A head must be whole within `header_timeout` of the wait's start.
     When descriptors run short or the room is full, the connections that have waited longest are
     closed first: a client that sends its head at once is never among them. Connections answered
-    before their body was read linger here (Connection.linger), and are closed first of all.
+    before their body was read linger here (Connection.close), and are closed first of all.
     """
 
     def __init__(self, server):
@@ -2146,7 +2152,7 @@ class WaitingRoom:
             self.wake_writer.send(b"\0")
 
     def timeout(self):
-        due = [queue[next(iter(queue))].deadline for queue in (self.waiting, self.lingering) if queue]
+        due = [oldest(queue).deadline for queue in (self.waiting, self.lingering) if queue]
         log_due = self.app.refusals.write_due()
         if log_due is not None:
             due.append(log_due)
@@ -2155,8 +2161,8 @@ class WaitingRoom:
     def expire(self):
         now = time.monotonic()
         for queue in (self.waiting, self.lingering):
-            while queue and queue[next(iter(queue))].deadline <= now:
-                self.close_one(queue[next(iter(queue))])
+            while queue and oldest(queue).deadline <= now:
+                self.close_one(oldest(queue))
 
     # -- arriving --
 
@@ -2284,9 +2290,9 @@ class WaitingRoom:
         """Close the connection that has waited longest: one lingering after its answer, else one
         without a whole request head (counted as refused); False when there is none."""
         if self.lingering:
-            self.close_one(self.lingering[next(iter(self.lingering))])
+            self.close_one(oldest(self.lingering))
         elif self.waiting:
-            self.close_one(self.waiting[next(iter(self.waiting))])
+            self.close_one(oldest(self.waiting))
             self.app.refusals.count(reason)
         else:
             return False
@@ -2307,7 +2313,7 @@ class WaitingRoom:
     def close(self):
         for queue in (self.waiting, self.lingering):
             while queue:
-                self.close_one(queue[next(iter(queue))])
+                self.close_one(oldest(queue))
         while self.handed_back:
             self.handed_back.popleft()[0].close()
         self.selector.close()
@@ -2603,12 +2609,7 @@ class Connection:
             if isinstance(head, ApiError):
                 raise head
             req.parse(head)
-        except ApiError as e:
-            self.close_connection = True  # after a malformed head, the rest of the input means nothing
-            self.unread_input = True
-            return self.send_api_error(req, e)
-        self.close_connection = not req.keep_alive
-        try:
+            self.close_connection = not req.keep_alive
             if req.headers.get("expect", "").lower() == "100-continue" and req.http11:
                 if not self.continue_or_refuse(req):
                     return
@@ -2616,6 +2617,9 @@ class Connection:
                 self.preflight(req)
             else:
                 self.dispatch(req)
+        except ApiError as e:  # a malformed head: the rest of the input means nothing
+            self.close_connection = True
+            self.send_api_error(req, e)
         except CLIENT_GONE:
             self.close_connection = True
         finally:
@@ -2734,6 +2738,7 @@ class Connection:
         self.server.room.give_back(self.connection, self.client_address, self.buffer)
 
     def close(self):
+        """Close it, or let it linger in the waiting room while the client may still be sending."""
         if not self.unread_input:
             self.connection.close()
             return
