@@ -2838,9 +2838,13 @@ class App:
             self.work_ready.notify_all()
 
     def wait_for_work(self, generation, timeout):
+        """Wait for announce_work; a stopping server ends the wait at once, so that a worker's
+        long poll does not hold up the stop."""
         with self.work_ready:
-            if self.work_generation == generation:
+            if self.work_generation == generation and not self.stopping.is_set():
                 self.work_ready.wait(timeout)
+        if self.stopping.is_set():
+            raise ApiError(503, "general", "the server is stopping; try again")
 
     def reap_lost_runs(self):
         """Runs whose worker stopped sending heartbeats are `lost`, with the reason recorded.
@@ -2955,6 +2959,7 @@ def main(argv=None):
 def stop(server, app):
     """Once nothing new is accepted: let the requests in progress finish, then close the database."""
     app.stopping.set()
+    app.announce_work()
     if server.wait_for_requests(SHUTDOWN_GRACE):
         app.db.close()
     else:
