@@ -262,6 +262,19 @@ def every_thread_taken(srv, count):
     wait_for(lambda: timed_requests(srv, 1)[0] == [200], message="the threads to be free again")
 
 
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))  # the server inherits it
+    try:
+        srv = ServerProcess(tmp_path).start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        srv.stop()
+
+
 def test_503_answers_are_counted_in_the_log(tmp_path):
     srv = ServerProcess(tmp_path, config=write_config(tmp_path, max_connections=2)).start()
     with every_thread_taken(srv, 2):
