@@ -2126,7 +2126,6 @@ class WaitingRoom:
         self.lingering = collections.OrderedDict()  # fd -> Waiting, the same
         self.buffered = 0  # bytes of the heads in `waiting`
         self.handed_back = collections.deque()  # (sock, address, data or None to linger) from handler threads
-        self.stopping = False
         self.wake_reader, self.wake_writer = socket.socketpair()
         for sock in (server.socket, self.wake_reader, self.wake_writer):
             sock.setblocking(False)
@@ -2134,20 +2133,17 @@ class WaitingRoom:
         self.selector.register(self.wake_reader, selectors.EVENT_READ, self.take_back)
 
     def run(self):
+        """Until the server stops."""
         try:
-            while not self.stopping:
+            while not self.server.stopping:
                 for key, _ in self.selector.select(self.timeout()):
                     key.data(key.fileobj)
                 self.expire()
         finally:
             self.close()
 
-    def stop(self):
-        """Safe in a signal handler."""
-        self.stopping = True
-        self.wake()
-
     def wake(self):
+        """Safe in a signal handler."""
         with contextlib.suppress(OSError):  # a full socket pair: a wake-up is pending anyway
             self.wake_writer.send(b"\0")
 
@@ -2233,7 +2229,7 @@ class WaitingRoom:
     def give_back(self, sock, address, data):
         """From a handler thread: `sock` waits here for its next request head, of which `data` came
         already; with data None it lingers and closes."""
-        if self.stopping:
+        if self.server.stopping:
             sock.close()
             return
         self.handed_back.append((sock, address, data))
@@ -2756,25 +2752,28 @@ class Server(socketserver.TCPServer):
     # socketserver's default backlog of 5 makes a burst of connections wait out SYN retransmits.
     request_queue_size = 1024
 
-    def __init__(self, address, app):
-        self.app = app
+    def __init__(self, address, app=None):
+        self.app = app  # may come after the socket is bound: set it before serve_forever
         self.busy = 0  # slots taken: requests in progress
         self.slots = threading.Condition()
         self.stopping = False
+        self.room = None
         super().__init__(address, None)
-        self.room = WaitingRoom(self)
 
     def serve_forever(self):
-        """Serve until stop(); then stop accepting and close the connections without a request."""
+        """Serve until shutdown(); then stop accepting and close the connections without a request."""
+        self.room = WaitingRoom(self)
         try:
             self.room.run()
         finally:
             self.server_close()
 
-    def stop(self):
-        """Safe in a signal handler."""
+    def shutdown(self):
+        """Make serve_forever return. Safe in a signal handler; unlike socketserver's, it does not
+        wait for serve_forever to return."""
         self.stopping = True
-        self.room.stop()
+        if self.room:
+            self.room.wake()
 
     def start_request(self, sock, address, data):
         """A thread for a connection whose request head is whole; False when all slots are taken."""
@@ -2947,16 +2946,16 @@ def main(argv=None):
     server = Server((args.host, args.port), app)
     # Explicit for SIGINT too: a shell starts background jobs (as `make run` does) with SIGINT ignored.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: server.stop())
+        signal.signal(sig, lambda signum, frame: server.shutdown())
     host, port = server.server_address[:2]
     print("nfapi listening on http://%s:%d (token from %s)" % (host, port, app.token_source), flush=True)
     try:
         server.serve_forever()
     finally:
-        stop(server, app)
+        stop_after_requests(server, app)
 
 
-def stop(server, app):
+def stop_after_requests(server, app):
     """Once nothing new is accepted: let the requests in progress finish, then close the database."""
     app.stopping.set()
     app.announce_work()
