@@ -45,6 +45,7 @@ import json
 import math
 import os
 import posixpath
+import queue
 import re
 import resource
 import secrets
@@ -1990,6 +1991,7 @@ MIN_BODY_RATE = 16 * 1024
 # weblog) keeps its thread and pays nothing for the hand-over.
 KEEP_ALIVE_WAIT = 0.05
 SHUTDOWN_GRACE = 5.0  # seconds that requests in progress get to finish when the server stops
+THREAD_IDLE_SECONDS = 2.0  # a handler thread with no connection for this long ends
 HEAD_END = re.compile(rb"\n\r?\n")
 TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 REQUEST_LINE = re.compile(r"(%s) ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])" % TOKEN)
@@ -2094,8 +2096,8 @@ class Refusals:
             return self.written + REFUSAL_LOG_SECONDS if self.counts else None
 
 
-def oldest(queue):
-    return next(iter(queue.values()))
+def oldest(connections):
+    return next(iter(connections.values()))
 
 
 class Waiting:
@@ -2148,7 +2150,7 @@ class WaitingRoom:
             self.wake_writer.send(b"\0")
 
     def timeout(self):
-        due = [oldest(queue).deadline for queue in (self.waiting, self.lingering) if queue]
+        due = [oldest(group).deadline for group in (self.waiting, self.lingering) if group]
         log_due = self.app.refusals.write_due()
         if log_due is not None:
             due.append(log_due)
@@ -2156,9 +2158,9 @@ class WaitingRoom:
 
     def expire(self):
         now = time.monotonic()
-        for queue in (self.waiting, self.lingering):
-            while queue and oldest(queue).deadline <= now:
-                self.close_one(oldest(queue))
+        for group in (self.waiting, self.lingering):
+            while group and oldest(group).deadline <= now:
+                self.close_one(oldest(group))
 
     # -- arriving --
 
@@ -2307,9 +2309,9 @@ class WaitingRoom:
         entry.sock.close()
 
     def close(self):
-        for queue in (self.waiting, self.lingering):
-            while queue:
-                self.close_one(oldest(queue))
+        for group in (self.waiting, self.lingering):
+            while group:
+                self.close_one(oldest(group))
         while self.handed_back:
             self.handed_back.popleft()[0].close()
         self.selector.close()
@@ -2746,7 +2748,11 @@ class Connection:
 class Server(socketserver.TCPServer):
     """The listening socket, the waiting room, and a thread for each request in progress: at most
     `max_connections` at once. Past that, a request gets 503 with Retry-After at once instead of a
-    thread, and the server never falls over."""
+    thread, and the server never falls over.
+
+    Handler threads are reused: starting a thread makes the starter wait until the new one runs,
+    and with hundreds of threads busy that wait held up the waiting room for everyone.
+    """
 
     allow_reuse_address = True
     # socketserver's default backlog of 5 makes a burst of connections wait out SYN retransmits.
@@ -2756,6 +2762,8 @@ class Server(socketserver.TCPServer):
         self.app = app  # may come after the socket is bound: set it before serve_forever
         self.busy = 0  # slots taken: requests in progress
         self.slots = threading.Condition()
+        self.arrivals = queue.SimpleQueue()  # (sock, address, data) for the next free handler thread
+        self.idle = 0  # handler threads waiting for an arrival that none is promised to yet
         self.stopping = False
         self.room = None
         super().__init__(address, None)
@@ -2777,10 +2785,33 @@ class Server(socketserver.TCPServer):
 
     def start_request(self, sock, address, data):
         """A thread for a connection whose request head is whole; False when all slots are taken."""
-        if not self.take_slot():
-            return False
-        threading.Thread(target=lambda: Connection(self, sock, address, data).serve(), daemon=True).start()
+        with self.slots:
+            if self.stopping or self.busy >= self.app.config["max_connections"]:
+                return False
+            self.busy += 1
+            start = not self.idle
+            self.idle -= not start
+        self.arrivals.put((sock, address, data))
+        if start:
+            threading.Thread(target=self.handle_arrivals, daemon=True).start()
         return True
+
+    def handle_arrivals(self):
+        """Serve connections as they arrive; end after THREAD_IDLE_SECONDS without one. Each idle
+        thread counts in `idle` until an arrival is promised to it: one that times out while every
+        idle thread is promised one waits for its own."""
+        while True:
+            try:
+                sock, address, data = self.arrivals.get(timeout=THREAD_IDLE_SECONDS)
+            except queue.Empty:
+                with self.slots:
+                    if self.idle:
+                        self.idle -= 1
+                        return
+                continue
+            Connection(self, sock, address, data).serve()
+            with self.slots:
+                self.idle += 1
 
     def take_slot(self):
         with self.slots:
