@@ -30,11 +30,13 @@ Data layout under --data (created 0700, files 0600):
 
 Limits (configurable): JSON bodies up to `max_json_bytes` (1 MiB), uploads up to `max_upload_bytes`
 (no limit by default), multipart part headers up to 16 KiB; a request head must arrive within
-`header_timeout` seconds and a body may stall `client_timeout` seconds; at most `max_connections`
-connections are served at once (503 past that). Every route and answer is described by
-GET /api/openapi.json. `GET /api/workflows/<id>?wait=<seconds>` answers when the latest run ends;
-nf-cloud's web UI follows runs live over Socket.IO (HTTP long-polling only) at /socket.io/.
-Runs on Python 3.8+ and SQLite 3.24+.
+`header_timeout` seconds; a body may stall `client_timeout` seconds and must arrive within
+`client_timeout` seconds plus 1 s per 16 KiB; at most `max_connections` requests are handled at
+once (503 past that). A connection that has not sent a whole request head costs a descriptor, not a
+thread: when descriptors run short, the ones that waited longest are closed. Every route and
+answer is described by GET /api/openapi.json. `GET /api/workflows/<id>?wait=<seconds>` answers when
+the latest run ends; nf-cloud's web UI follows runs live over Socket.IO (HTTP long-polling only)
+at /socket.io/. Runs on Python 3.8+ and SQLite 3.24+.
 """
 
 import argparse
@@ -49,14 +51,17 @@ import fnmatch
 import functools
 import hashlib
 import hmac
+import http
 import http.client
-import http.server
 import json
 import math
 import os
+import queue
 import re
+import resource
 import secrets
 import select
+import selectors
 import shutil
 import signal
 import smtplib
@@ -140,7 +145,7 @@ RETRY_AFTER_SECONDS = [30, 90, 180, 300]  # a notification is tried 5 times over
 class ApiError(Exception):
     """An answer for the client: `status` and `{"errors": {field: [messages]}}`.
 
-    Raised anywhere; `Handler.dispatch` is the one place that turns it into a response.
+    Raised anywhere; `Connection.dispatch` is the one place that turns it into a response.
     """
 
     def __init__(self, status, field, message, headers=None):
@@ -900,6 +905,7 @@ class Changes:
         self.generation = 0
         self.changed_at = {}  # key -> generation of its last change
         self.waiting = collections.Counter()  # key -> threads waiting for it
+        self.closed = False
 
     def notify(self, *keys):
         with self.condition:
@@ -918,7 +924,7 @@ class Changes:
         with self.condition:
             self.waiting.update(keys)
             try:
-                while not any(self.changed_since(key, generation) for key in keys):
+                while not (self.closed or any(self.changed_since(key, generation) for key in keys)):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return
@@ -928,6 +934,12 @@ class Changes:
                 for key in keys:
                     if not self.waiting[key]:
                         del self.waiting[key]
+
+    def close(self):
+        """Wake every waiter, now and later: the server is stopping, and a long poll must not hold it up."""
+        with self.condition:
+            self.closed = True
+            self.condition.notify_all()
 
     def forget(self, key):
         """Drop a key that will never change again (a closed Socket.IO session)."""
@@ -1675,7 +1687,7 @@ def groovy_string(text):
 
 
 # ==== Handlers ====
-# Each handler takes the request (a Handler) and the route's parameters and returns
+# Each handler takes the request (a Request) and the route's parameters and returns
 # (status, body): a dict is sent as JSON, None as an empty body.
 
 def workflows_list(req):
@@ -2469,7 +2481,9 @@ def worker_claim(req):
         if held_until is not None:
             remaining = min(remaining, max(0.01, held_until - time.time()))
         req.app.changes.wait([QUEUED_RUNS], generation, remaining)
-        if client_left(req.connection):
+        if req.app.stopping.is_set():
+            raise ApiError(503, "general", "the server is stopping; try again")
+        if client_left(req.conn.connection):
             raise ClientGone()
 
 
@@ -4240,166 +4254,377 @@ OPENAPI = openapi_document()
 
 
 # ==== HTTP plumbing ====
+# What the waiting room and the handler threads share.
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADER_LINES = 100
+# A body must arrive at this average rate, after an allowance of client_timeout seconds: a client
+# sending a byte every few seconds cannot hold a thread for long. A timeout per receive alone let
+# one byte every 20 s hold a thread for ever.
+MIN_BODY_RATE = 16 * 1024
+# After an answer on a keep-alive connection, its thread waits this long for the next request
+# before the connection goes back to the waiting room: a client posting back to back (Nextflow's
+# weblog) keeps its thread and pays nothing for the hand-over.
+KEEP_ALIVE_WAIT = 0.05
+SHUTDOWN_GRACE = 5.0  # seconds that requests in progress get to finish when the server stops
+THREAD_IDLE_SECONDS = 2.0  # a handler thread with no connection for this long ends
 HEAD_END = re.compile(rb"\n\r?\n")
 TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 REQUEST_LINE = re.compile(r"(%s) ([^\x00-\x20\x7f]+) HTTP/([0-9])\.([0-9])" % TOKEN)
 # RFC 9112 5: no space before the colon, no line folding; CR, LF and NUL are never part of a value.
 HEADER_LINE = re.compile(r"(%s):[ \t]*([^\x00\r\n]*?)[ \t]*\r?" % TOKEN)
-# How a client that vanished or stalled shows up (BlockingIOError: a send past SO_SNDTIMEO).
+# How a client that vanished or stalled shows up (BlockingIOError: a receive or send past
+# SO_RCVTIMEO or SO_SNDTIMEO).
 CLIENT_GONE = (ConnectionError, socket.timeout, BlockingIOError)
+BUSY_BODY = json.dumps({"errors": {"general": ["too many requests in progress; try again"]}}).encode()
+BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+               b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(BUSY_BODY), BUSY_BODY))
 
 
-class Handler(socketserver.StreamRequestHandler):
-    """One connection: HTTP/1.1 keep-alive, a Content-Length on every answer, JSON errors.
+@functools.lru_cache(maxsize=2)
+def http_date(second):
+    return email.utils.formatdate(second, usegmt=True)
 
-    The request head is parsed here rather than by http.server, whose email-package header parser
-    cost more than all the rest of a weblog post. Header names are lower-cased; a repeated field's
-    values are joined with ", " (RFC 9110 5.3), so a second Content-Length makes the length invalid.
 
-    The body is read only by the handler that needs it, never past Content-Length. When an answer
-    leaves before the whole body was read, the connection is closed: otherwise the unread bytes
-    would be parsed as the next request.
+def timeval(seconds):
+    seconds = max(seconds, 0.001)  # a zero timeval means "wait forever"
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+
+
+def redact(text):
+    """A request line or path with its weblog secret or download ticket cut out, for logs."""
+    return re.sub(r"([?&]token=|/api/download/)[^&?\s]*", r"\1...", text)
+
+
+# ==== Request heads ====
+# Parsed here rather than by http.server, whose email-package header parser cost more than all the
+# rest of a weblog post.
+
+def find_head(data, searched=0):
+    """The blank line that ends the request head in `data` (a match), or None while more may come;
+    414 or 431 once the head cannot fit in MAX_HEAD_BYTES. `searched`: how much of `data` was
+    searched before, as heads arrive in pieces."""
+    end = HEAD_END.search(data, max(0, searched - 2))
+    if (end.start() if end else len(data)) > MAX_HEAD_BYTES:
+        if b"\n" not in data[:MAX_HEAD_BYTES]:
+            raise ApiError(414, "request", "the request line is over %d bytes" % MAX_HEAD_BYTES)
+        raise ApiError(431, "request", "the request head is over %d bytes" % MAX_HEAD_BYTES)
+    return end
+
+
+def skip_blank_lines(data):
+    """Empty lines before a request line are ignored (RFC 9112 2.2)."""
+    return data.lstrip(b"\r\n") if data[:1] in (b"\r", b"\n") else data
+
+
+# ==== Waiting room ====
+
+WAITING_ROOM_SIZE = 10000  # connections
+WAITING_ROOM_BYTES = 32 * 1024 * 1024  # of partial heads: what 512 threads could hold before
+REFUSAL_LOG_SECONDS = 10
+
+
+def raise_descriptor_limit():
+    """Raise the soft limit on open descriptors to the hard one: every waiting connection holds one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # macOS refuses an unlimited hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def descriptors_short(connections):
+    """Whether `connections` take three quarters of the descriptor limit: the last quarter is kept
+    for the rest of the server (files, SQLite)."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return limit != resource.RLIM_INFINITY and connections >= limit - limit // 4
+
+
+class Refusals:
+    """Connections the server turned away, counted and written to stderr at most once every
+    REFUSAL_LOG_SECONDS: a flood must not become a flood of log lines. `last` (time.time()) tells
+    the lease reaper that the server itself may have refused a heartbeat."""
+
+    SHORT = "closed %d connections without a request head in the last %d s (oldest first; descriptors short)"
+    FULL = "closed %d connections without a request head in the last %d s (oldest first; waiting room full)"
+    BUSY = "answered %d requests with 503 in the last %d s (max_connections requests in progress)"
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counts = collections.Counter()
+        self.written = -REFUSAL_LOG_SECONDS
+        self.last = 0.0
+
+    def count(self, reason):
+        with self.lock:
+            self.counts[reason] += 1
+            self.last = time.time()
+        self.write_due()
+
+    def write_due(self, now=False):
+        """Write the counts once the last lines are REFUSAL_LOG_SECONDS old, or `now`; return the
+        time.monotonic() at which counts not written yet are due, or None."""
+        with self.lock:
+            if self.counts and (now or time.monotonic() - self.written >= REFUSAL_LOG_SECONDS):
+                for reason, count in sorted(self.counts.items()):
+                    sys.stderr.write("nfapi: %s\n" % (reason % (count, REFUSAL_LOG_SECONDS)))
+                self.counts.clear()
+                self.written = time.monotonic()
+            return self.written + REFUSAL_LOG_SECONDS if self.counts else None
+
+
+def oldest(connections):
+    return next(iter(connections.values()))
+
+
+class Waiting:
+    """A connection in the waiting room: what it sent so far and until when (time.monotonic()) it may wait."""
+
+    __slots__ = ("sock", "address", "data", "deadline")
+
+    def __init__(self, sock, address, data, deadline):
+        self.sock, self.address, self.data, self.deadline = sock, address, data, deadline
+
+
+class WaitingRoom:
+    """Connections that have not sent a whole request head cost a descriptor here, not a thread.
+
+    One thread (the main one) watches the listening socket and every connection between requests
+    with a selector. New connections, and keep-alive ones between requests, wait here until their
+    request head is whole, then go to a handler thread with the bytes read so far
+    (Server.start_request). A head must be whole within `header_timeout` of the wait's start.
+    When descriptors run short or the room is full, the connections that have waited longest are
+    closed first: a client that sends its head at once is never among them. Connections answered
+    before their body was read linger here (Connection.close), and are closed first of all.
     """
 
-    body_left = None  # bytes of the body not read yet; None until the request is framed
-    body_buffered = 0  # bytes after the head that came with it
-    current_receive_timeout = None
-    requestline = None
-    command = None
+    def __init__(self, server):
+        self.server, self.app = server, server.app
+        self.selector = selectors.DefaultSelector()
+        self.waiting = collections.OrderedDict()  # fd -> Waiting, longest waiting first
+        self.lingering = collections.OrderedDict()  # fd -> Waiting, the same
+        self.buffered = 0  # bytes of the heads in `waiting`
+        self.handed_back = collections.deque()  # (sock, address, data or None to linger) from handler threads
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        for sock in (server.socket, self.wake_reader, self.wake_writer):
+            sock.setblocking(False)
+        self.selector.register(server.socket, selectors.EVENT_READ, self.accept)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ, self.take_back)
 
-    def setup(self):
-        super().setup()
-        self.headers = {}
+    def run(self):
+        """Until the server stops."""
+        try:
+            while not self.server.stopping:
+                for key, _ in self.selector.select(self.timeout()):
+                    key.data(key.fileobj)
+                self.expire()
+        finally:
+            self.close()
+
+    def wake(self):
+        """Safe in a signal handler."""
+        with contextlib.suppress(OSError):  # a full socket pair: a wake-up is pending anyway
+            self.wake_writer.send(b"\0")
+
+    def timeout(self):
+        due = [oldest(group).deadline for group in (self.waiting, self.lingering) if group]
+        log_due = self.app.refusals.write_due()
+        if log_due is not None:
+            due.append(log_due)
+        return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def expire(self):
+        now = time.monotonic()
+        for group in (self.waiting, self.lingering):
+            while group and oldest(group).deadline <= now:
+                self.close_one(oldest(group))
+
+    # -- arriving --
+
+    def accept(self, listener):
+        for _ in range(64):  # a burst at a time: the connections already here are served in between
+            try:
+                sock, address = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE) and not self.evict(Refusals.SHORT):
+                    # Requests in progress hold every descriptor: nothing to do but try again soon.
+                    time.sleep(0.01)
+                return
+            self.admit(sock, address)
+
+    def admit(self, sock, address):
         # Heads and bodies sent in separate writes must not wait for the client's delayed ACK
         # (Nagle's algorithm: 40 ms per answer on Linux).
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # The socket stays blocking and the kernel enforces the timeouts (SO_RCVTIMEO, SO_SNDTIMEO).
         # A Python socket timeout polls before every receive and send, and each poll gives up the
-        # GIL once more: a fifth of a weblog post's cost with 16 runs posting at once. A receive
-        # that times out then reads as the end of input, a send as BlockingIOError (CLIENT_GONE).
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(self.app.config["client_timeout"]))
+        # GIL once more: a fifth of a weblog post's cost with 16 runs posting at once.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(self.app.config["client_timeout"]))
+        entry = self.wait(sock, address, b"")
+        self.make_room()
+        if sock.fileno() in self.waiting:
+            self.read(entry)  # the head often comes with the connection
 
-    @property
-    def app(self):
-        return self.server.app
+    def wait(self, sock, address, data):
+        entry = Waiting(sock, address, bytearray(data), time.monotonic() + self.app.config["header_timeout"])
+        self.waiting[sock.fileno()] = entry
+        self.buffered += len(data)
+        self.selector.register(sock, selectors.EVENT_READ, lambda _: self.read(entry))
+        return entry
 
-    def finish(self):
-        super().finish()
-        if self.body_left != 0:
-            self.linger()
+    def read(self, entry):
+        try:
+            data = entry.sock.recv(MAX_HEAD_BYTES, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            return self.close_one(entry)
+        if not data:  # the client closed it; a head cut short gets its 400 from a handler thread
+            return self.hand_off(entry) if entry.data else self.close_one(entry)
+        searched = len(entry.data)
+        entry.data += skip_blank_lines(data) if not searched else data
+        self.buffered += len(entry.data) - searched
+        try:
+            whole = find_head(entry.data, searched) is not None
+        except ApiError:
+            whole = True  # a handler thread answers 414 or 431
+        if whole:
+            self.hand_off(entry)
+        else:
+            self.make_room()
 
-    def linger(self):
+    def hand_off(self, entry):
+        self.forget(entry)
+        if not self.server.start_request(entry.sock, entry.address, bytes(entry.data)):
+            with contextlib.suppress(OSError):  # a few hundred bytes: a new socket's buffer takes them
+                entry.sock.send(BUSY_ANSWER, socket.MSG_DONTWAIT)
+            self.app.refusals.count(Refusals.BUSY)
+            self.linger(entry.sock, entry.address)
+
+    # -- coming back from handler threads --
+
+    def give_back(self, sock, address, data):
+        """From a handler thread: `sock` waits here for its next request head, of which `data` came
+        already; with data None it lingers and closes."""
+        if self.server.stopping:
+            sock.close()
+            return
+        self.handed_back.append((sock, address, data))
+        self.wake()
+
+    def take_back(self, wake_reader):
+        with contextlib.suppress(OSError):
+            wake_reader.recv(4096)
+        while self.handed_back:
+            sock, address, data = self.handed_back.popleft()
+            if data is None:
+                self.linger(sock, address)
+            else:
+                self.wait(sock, address, data)
+                self.make_room()
+
+    # -- leaving --
+
+    def linger(self, sock, address):
         """After answering before the body was read, keep reading (and dropping) it for a moment.
 
         Closing a socket with unread input sends a TCP reset, which can destroy our answer before
         the client reads it; a client still busy sending would see only a broken pipe.
         """
-        deadline = time.monotonic() + LINGER_SECONDS
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_WR)
-            while time.monotonic() < deadline:
-                self.receive_timeout(deadline - time.monotonic())
-                if not self.connection.recv(READ_CHUNK):
-                    break
+        entry = Waiting(sock, address, None, time.monotonic() + LINGER_SECONDS)
+        self.lingering[sock.fileno()] = entry
+        self.selector.register(sock, selectors.EVENT_READ, lambda _: self.drain(entry))
 
-    def receive_timeout(self, seconds):
-        """Set SO_RCVTIMEO, but only when it changes: setsockopt keeps the GIL while it waits for
-        the socket's lock, which the kernel holds while packets arrive."""
-        if seconds != self.current_receive_timeout:
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(seconds))
-            self.current_receive_timeout = seconds
-
-    def db(self):
-        return self.app.db.connection()
-
-    # -- reading requests --
-
-    def handle(self):
-        self.close_connection = False
-        while not self.close_connection:
-            self.handle_one_request()
-
-    def handle_one_request(self):
+    def drain(self, entry):
         try:
-            head = self.read_head()
-            if head is None:
-                self.close_connection = True
+            if entry.sock.recv(READ_CHUNK, socket.MSG_DONTWAIT):
                 return
-            self.parse_head(head)
-        except CLIENT_GONE:
-            self.close_connection = True
+        except BlockingIOError:
             return
-        except ApiError as e:
-            self.close_connection = True  # after a malformed head, the rest of the input means nothing
-            self.send_api_error(e)
-            return
-        if self.headers.get("expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
-            if not self.continue_or_refuse():
-                return
-        if self.command == "OPTIONS":
-            self.preflight()
-        else:
-            self.dispatch()
+        except OSError:
+            pass
+        self.close_one(entry)
 
-    def read_head(self):
-        """The request line and header lines, without the blank line that ends them; None when the
-        client closed the connection between requests.
-
-        The whole head must arrive within `header_timeout`: a client sending a byte at a time cannot
-        hold a thread for long, and an idle keep-alive connection is closed.
-        """
-        deadline = time.monotonic() + self.app.config["header_timeout"]
-        head = b""
+    def make_room(self):
+        """Close connections while the room is over its size or descriptors run short. Connections
+        on handler threads count, as each holds a descriptor too."""
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("the request head took too long")
-            # It applies to each receive: re-arm it, in whole seconds (the same value, request
-            # after request, is not set again).
-            self.receive_timeout(math.ceil(remaining))
-            buffered = self.rfile.peek()
-            if not buffered:  # the end of input, or a receive that timed out
-                if time.monotonic() >= deadline:
-                    continue
-                if head:
-                    raise ApiError(400, "request", "the connection was closed inside the request head")
-                return None
-            if not head and buffered[:1] in (b"\r", b"\n"):
-                # Empty lines before a request line are ignored (RFC 9112 2.2).
-                self.rfile.read(len(buffered) - len(buffered.lstrip(b"\r\n")))
-                continue
-            searched = max(0, len(head) - 2)
-            head += buffered
-            end = HEAD_END.search(head, searched)
-            if (end.start() if end else len(head)) > MAX_HEAD_BYTES:
-                if b"\n" not in head[:MAX_HEAD_BYTES]:
-                    raise ApiError(414, "request", "the request line is over %d bytes" % MAX_HEAD_BYTES)
-                raise ApiError(431, "request", "the request head is over %d bytes" % MAX_HEAD_BYTES)
-            if end:
-                self.rfile.read(len(buffered) - (len(head) - end.end()))
-                self.body_buffered = len(head) - end.end()
-                return head[:end.start()]
-            self.rfile.read(len(buffered))
+            held = len(self.waiting) + len(self.lingering)
+            if descriptors_short(held + self.server.busy):
+                reason = Refusals.SHORT
+            elif held > WAITING_ROOM_SIZE or self.buffered > WAITING_ROOM_BYTES:
+                reason = Refusals.FULL
+            else:
+                return
+            if not self.evict(reason):
+                return
 
-    def parse_head(self, head):
-        # One handler serves every request of a keep-alive connection: reset per-request state.
-        self.prepared = False
-        self.body_left = self.command = None
-        self.json_body = self.query_params = None
+    def evict(self, reason):
+        """Close the connection that has waited longest: one lingering after its answer, else one
+        without a whole request head (counted as refused); False when there is none."""
+        if self.lingering:
+            self.close_one(oldest(self.lingering))
+        elif self.waiting:
+            self.close_one(oldest(self.waiting))
+            self.app.refusals.count(reason)
+        else:
+            return False
+        return True
+
+    def forget(self, entry):
+        self.selector.unregister(entry.sock)
+        if entry.data is None:
+            del self.lingering[entry.sock.fileno()]
+        else:
+            del self.waiting[entry.sock.fileno()]
+            self.buffered -= len(entry.data)
+
+    def close_one(self, entry):
+        self.forget(entry)
+        entry.sock.close()
+
+    def close(self):
+        for group in (self.waiting, self.lingering):
+            while group:
+                self.close_one(oldest(group))
+        while self.handed_back:
+            self.handed_back.popleft()[0].close()
+        self.selector.close()
+        self.wake_reader.close()
+        self.wake_writer.close()
+        self.app.refusals.write_due(now=True)
+
+
+# ==== Requests ====
+
+class Request:
+    """One request as its route handler sees it: the head, the query, who sent it, and the body,
+    read on demand and never past Content-Length."""
+
+    def __init__(self, conn):
+        self.conn, self.app = conn, conn.app
+        self.requestline = self.command = self.path = None
         self.headers = {}
+        self.keep_alive = False
+        self.body_left = None  # bytes of the body not read yet; None until the request is framed
+        self.json_body = self.query_params = None
+        self.prepared = False
+
+    def parse(self, head):
+        """Read a request head (without its blank line). Header names are lower-cased; a repeated
+        field's values are joined with ", " (RFC 9110 5.3), so a second Content-Length makes the
+        length invalid."""
         lines = head.decode("latin-1").split("\n")
         self.requestline = lines[0].rstrip("\r")
         request = REQUEST_LINE.fullmatch(self.requestline)
         if not request:
             raise ApiError(400, "request", "bad request line")
         self.command, self.path = request.group(1), request.group(2)
-        self.request_version = "HTTP/%s.%s" % request.group(3, 4)
+        version = "HTTP/%s.%s" % request.group(3, 4)
         if request.group(3) >= "2":
             raise ApiError(505, "request", "this server speaks HTTP/1.1")
-        if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
             raise ApiError(400, "request", "bad HTTP version")
         if len(lines) > MAX_HEADER_LINES + 1:
             raise ApiError(431, "request", "more than %d header lines" % MAX_HEADER_LINES)
@@ -4409,23 +4634,12 @@ class Handler(socketserver.StreamRequestHandler):
                 raise ApiError(400, "request", "bad header line: %r" % line[:200])
             name, value = field.group(1).lower(), field.group(2)
             self.headers[name] = self.headers[name] + ", " + value if name in self.headers else value
+        self.http11 = version == "HTTP/1.1"
         options = {option.strip() for option in self.headers.get("connection", "").lower().split(",")}
-        self.close_connection = "close" in options or (self.request_version == "HTTP/1.0" and "keep-alive" not in options)
-
-    def continue_or_refuse(self):
-        """Refuse a bad token or an oversized body before the client sends it (RFC 9110 10.1.1)."""
-        try:
-            self.prepare()
-        except ApiError as e:
-            self.send_api_error(e)
-            return False
-        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return True
-
-    # -- dispatch --
+        self.keep_alive = "close" not in options and (self.http11 or "keep-alive" in options)
 
     def prepare(self):
-        """Frame the body, route and authenticate; runs once per request.
+        """Frame the body, route and authenticate; runs once.
 
         An unauthenticated client gets 401 whatever the path, so routes cannot be probed.
         """
@@ -4472,44 +4686,15 @@ class Handler(socketserver.StreamRequestHandler):
             raise ApiError(400, "body", "bad Content-Length")
         return int(value)
 
-    def dispatch(self):
-        try:
-            self.prepare()
-            handler, params = self.route
-            status, body = handler(self, **params)
-            self.send_answer(status, body)
-        except ApiError as e:
-            self.send_api_error(e)
-        except (ClientGone,) + CLIENT_GONE:
-            self.close_connection = True
-        except Exception:
-            sys.stderr.write("internal error on %s %r\n%s" % (self.command, redact(self.path), traceback.format_exc()))
-            self.send_api_error(ApiError(500, "general", "internal error"))
-        if self.body_left != 0:
-            self.close_connection = True
-
-    def preflight(self):
-        """A CORS preflight from a listed origin; anything else is an ordinary (unauthenticated) request."""
-        cors = self.cors_headers()
-        if not cors or "access-control-request-method" not in self.headers:
-            return self.dispatch()
-        self.body_left = 0
-        self.send_answer(204, None, {"Access-Control-Allow-Methods": "GET, POST",
-                                     "Access-Control-Allow-Headers": "Authorization, Content-Type",
-                                     "Access-Control-Max-Age": "600"})
-
-    # -- request data --
+    def db(self):
+        return self.app.db.connection()
 
     def body_chunks(self):
-        if self.body_left > self.body_buffered:  # it will be received: each receive may take client_timeout
-            self.receive_timeout(self.app.config["client_timeout"])
+        """The body as it arrives. All of it must come within client_timeout seconds plus its
+        length at MIN_BODY_RATE, and no receive may wait longer than client_timeout."""
+        deadline = time.monotonic() + self.app.config["client_timeout"] + self.body_left / MIN_BODY_RATE
         while self.body_left:
-            try:
-                chunk = self.rfile.read1(min(READ_CHUNK, self.body_left))
-            except CLIENT_GONE:
-                raise ClientGone()
-            if not chunk:
-                raise ClientGone()
+            chunk = self.conn.receive(min(READ_CHUNK, self.body_left), deadline)
             self.body_left -= len(chunk)
             yield chunk
 
@@ -4551,28 +4736,232 @@ class Handler(socketserver.StreamRequestHandler):
             raise ApiError(422, name, "must be a non-negative integer")
         return int(value)
 
+
+# ==== Connections ====
+
+class SocketWriter:
+    """Where answers are written: each write is sent whole, nothing is buffered."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def write(self, data):
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+
+class Connection:
+    """A connection on a handler thread: HTTP/1.1 keep-alive, a Content-Length on every answer,
+    JSON errors.
+
+    It gets a connection whose request head is whole from the waiting room, with the bytes read so
+    far, and answers requests as long as they come back to back; then the connection goes back to
+    the waiting room, lingers there, or is closed. It holds one of the server's max_connections
+    slots while it handles a request, not while it waits for the next one.
+
+    The body is read only by the handler that needs it, never past Content-Length. When an answer
+    leaves before the whole body was read, the connection is closed: otherwise the unread bytes
+    would be parsed as the next request. Once an answer's status line has gone out, a failure can
+    only abort the connection: a second answer would land inside the first one's body.
+    """
+
+    current_receive_timeout = None
+
+    def __init__(self, server, sock, address, data):
+        self.server, self.app = server, server.app
+        self.connection, self.client_address = sock, address
+        self.wfile = SocketWriter(sock)
+        self.buffer = data  # received and not used yet: the next head, or the body's first bytes
+        self.close_connection = False
+        self.unread_input = False  # a body not read: closing must linger, or the answer may be lost
+        self.answer_started = False
+
+    def serve(self):
+        """Answer requests until the connection closes or has no whole head within KEEP_ALIVE_WAIT
+        of the last answer. The caller took a slot for the first request."""
+        holding = True
+        try:
+            while True:
+                try:
+                    head = self.read_head(time.monotonic() + KEEP_ALIVE_WAIT)
+                except ApiError as e:
+                    head = e
+                if head is None:
+                    return self.close() if self.close_connection else self.give_back()
+                if not holding and not self.server.take_slot():
+                    return self.refuse_busy()
+                holding = True
+                self.handle(head)
+                self.server.release_slot()
+                holding = False
+                if self.close_connection or self.server.stopping:
+                    return self.close()
+        finally:
+            if holding:
+                self.server.release_slot()
+
+    # -- reading request heads --
+
+    def read_head(self, deadline):
+        """The next request head, without its blank line; None when it is not whole by `deadline`,
+        or when the client closed the connection (close_connection is then set). 400, 414 or 431
+        for a head that is cut short or too long."""
+        searched = 0
+        while True:
+            self.buffer = skip_blank_lines(self.buffer)
+            end = find_head(self.buffer, searched)
+            if end:
+                head, self.buffer = self.buffer[:end.start()], self.buffer[end.end():]
+                return head
+            searched = len(self.buffer)
+            if time.monotonic() >= deadline:
+                return None
+            # A blocking receive with a kernel timeout costs one system call and one wait for the
+            # GIL; a poll before it cost a tenth of a weblog post.
+            self.receive_timeout(KEEP_ALIVE_WAIT)
+            try:
+                data = self.connection.recv(READ_CHUNK)
+            except BlockingIOError:  # nothing came within KEEP_ALIVE_WAIT
+                return None
+            except CLIENT_GONE:
+                data = b""
+            if not data:
+                self.close_connection = True
+                if self.buffer:
+                    raise ApiError(400, "request", "the connection was closed inside the request head")
+                return None
+            self.buffer += data
+
+    def receive(self, size, deadline):
+        """Up to `size` bytes of a request body, the ones that came with the head first; ClientGone
+        when the client closed the connection, stalled for client_timeout, or is past the body's
+        `deadline`.
+
+        The receive timeout stays KEEP_ALIVE_WAIT, as it was for the head, while the body comes
+        at once; it is raised only for a body that is slow to come (in whole seconds, so that it
+        is not set again and again).
+        """
+        if self.buffer:
+            chunk, self.buffer = self.buffer[:size], self.buffer[size:]
+            return chunk
+        patient = self.current_receive_timeout != KEEP_ALIVE_WAIT
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ClientGone()
+            if patient:
+                self.receive_timeout(min(self.app.config["client_timeout"], math.ceil(remaining)))
+            try:
+                chunk = self.connection.recv(size)
+            except BlockingIOError:
+                if patient:
+                    raise ClientGone()
+                patient = True
+                continue
+            except CLIENT_GONE:
+                raise ClientGone()
+            if not chunk:
+                raise ClientGone()
+            return chunk
+
+    def receive_timeout(self, seconds):
+        """Set SO_RCVTIMEO, but only when it changes: setsockopt keeps the GIL while it waits for
+        the socket's lock, which the kernel holds while packets arrive."""
+        if seconds != self.current_receive_timeout:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(seconds))
+            self.current_receive_timeout = seconds
+
+    # -- dispatch --
+
+    def handle(self, head):
+        """Answer one request; `head` is its head, or the ApiError that reading it raised."""
+        req = Request(self)
+        self.answer_started = False
+        try:
+            if isinstance(head, ApiError):
+                raise head
+            req.parse(head)
+            self.close_connection = not req.keep_alive
+            if req.headers.get("expect", "").lower() == "100-continue" and req.http11:
+                if not self.continue_or_refuse(req):
+                    return
+            if req.command == "OPTIONS":
+                self.preflight(req)
+            else:
+                self.dispatch(req)
+        except ApiError as e:  # a malformed head: the rest of the input means nothing
+            self.close_connection = True
+            self.send_api_error(req, e)
+        except CLIENT_GONE:
+            self.close_connection = True
+        finally:
+            self.unread_input = req.body_left != 0
+            self.close_connection = self.close_connection or self.unread_input
+
+    def continue_or_refuse(self, req):
+        """Refuse a bad token or an oversized body before the client sends it (RFC 9110 10.1.1)."""
+        try:
+            req.prepare()
+        except ApiError as e:
+            self.send_api_error(req, e)
+            return False
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
+
+    def dispatch(self, req):
+        """Run the route's handler and answer; the one place that turns errors into answers."""
+        try:
+            req.prepare()
+            handler, params = req.route
+            status, body = handler(req, **params)
+            self.send_answer(req, status, body)
+        except (ClientGone,) + CLIENT_GONE:
+            self.close_connection = True
+        except Exception as e:
+            if self.answer_started:
+                self.abort(req, e)
+            elif isinstance(e, ApiError):
+                self.send_api_error(req, e)
+            else:
+                sys.stderr.write("internal error on %s %r\n%s" % (req.command, redact(req.path), traceback.format_exc()))
+                self.send_api_error(req, ApiError(500, "general", "internal error"))
+
+    def preflight(self, req):
+        """A CORS preflight from a listed origin; anything else is an ordinary (unauthenticated) request."""
+        cors = self.cors_headers(req)
+        if not cors or "access-control-request-method" not in req.headers:
+            return self.dispatch(req)
+        req.body_left = 0
+        self.send_answer(req, 204, None, {"Access-Control-Allow-Methods": "GET, POST",
+                                          "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                                          "Access-Control-Max-Age": "600"})
+
     # -- answers --
 
-    def send_answer(self, status, body, headers=None):
+    def send_answer(self, req, status, body, headers=None):
         """Send `body`: a dict as JSON, None as nothing, a Body as its own content."""
         if not isinstance(body, Body):
             body = Body.json(body)
         fields = dict(body.headers)
         fields.update(headers or {})
-        fields.update(self.cors_headers())
+        fields.update(self.cors_headers(req))
         fields["X-Content-Type-Options"] = "nosniff"
         if body.length is None:
             fields["Transfer-Encoding"] = "chunked"
         else:
             fields["Content-Length"] = str(body.length)
-        if self.body_left != 0 or self.close_connection:
+        if req.body_left != 0 or self.close_connection:
             fields["Connection"] = "close"
             self.close_connection = True
         head = ("HTTP/1.1 %d %s\r\nServer: nfapi\r\nDate: %s\r\n%s\r\n" % (
             status, http.HTTPStatus(status).phrase, http_date(int(time.time())),
             "".join("%s: %s\r\n" % field for field in fields.items()))).encode("latin-1")
-        self.log_request(status, body.length)
-        if self.command == "HEAD":
+        self.log_request(req, status, body.length)
+        self.answer_started = True
+        if req.command == "HEAD":
             self.wfile.write(head)
         elif body.data is not None:
             self.wfile.write(head + body.data)  # one write, one packet for a small answer
@@ -4580,93 +4969,143 @@ class Handler(socketserver.StreamRequestHandler):
             self.wfile.write(head)
             body.write_to(self)
 
-    def cors_headers(self):
+    def cors_headers(self, req):
         """CORS is off unless the configuration lists the origin (a browser page elsewhere must not
         use the token of a user whose browser happens to hold it)."""
-        origin = self.headers.get("origin")
+        origin = req.headers.get("origin")
         if origin is None or origin not in self.app.config["cors_origins"]:
             return {}
         return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
                 "Access-Control-Expose-Headers": "X-Next-Offset, X-Log-Size, X-Run-Status, X-Run-Id, "
                                                  "Content-Disposition, Content-Range, ETag"}
 
-    def send_api_error(self, error):
+    def send_api_error(self, req, error):
         try:
-            self.send_answer(error.status, {"errors": error.errors}, error.headers)
+            self.send_answer(req, error.status, {"errors": error.errors}, error.headers)
         except CLIENT_GONE:
             self.close_connection = True
 
-    def log_request(self, status, size):
+    def abort(self, req, error):
+        """After the status line went out, a failure can only cut the connection: the client sees a
+        body shorter than announced, or a chunked one without its last chunk."""
+        sys.stderr.write("nfapi: aborted %s: %s: %s\n" % (redact(req.requestline), type(error).__name__, error))
+        self.close_connection = True
+        req.body_left = 0  # no lingering: the answer is broken anyway
+
+    def refuse_busy(self):
+        """A next request while max_connections requests are in progress."""
+        self.app.refusals.count(Refusals.BUSY)
+        with contextlib.suppress(*CLIENT_GONE):
+            self.wfile.write(BUSY_ANSWER)
+        self.unread_input = True
+        self.close()
+
+    def log_request(self, req, status, size):
         if not self.app.quiet:
             sys.stderr.write('%s - - [%s] "%s" %s %s\n' % (self.client_address[0], time.strftime("%d/%b/%Y %H:%M:%S"),
-                                                          redact(self.requestline or ""), status,
+                                                          redact(req.requestline or ""), status,
                                                           "-" if size is None else size))
 
+    # -- leaving --
 
-@functools.lru_cache(maxsize=2)
-def http_date(second):
-    return email.utils.formatdate(second, usegmt=True)
+    def give_back(self):
+        """Back to the waiting room until the next request head is whole."""
+        self.server.room.give_back(self.connection, self.client_address, self.buffer)
+
+    def close(self):
+        """Close it, or let it linger in the waiting room while the client may still be sending."""
+        if not self.unread_input:
+            self.connection.close()
+            return
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_WR)
+        self.server.room.give_back(self.connection, self.client_address, None)
 
 
-def timeval(seconds):
-    seconds = max(seconds, 0.001)  # a zero timeval means "wait forever"
-    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+class Server(socketserver.TCPServer):
+    """The listening socket, the waiting room, and a thread for each request in progress: at most
+    `max_connections` at once. Past that, a request gets 503 with Retry-After at once instead of a
+    thread, and the server never falls over.
 
+    Handler threads are reused: starting a thread makes the starter wait until the new one runs,
+    and with hundreds of threads busy that wait held up the waiting room for everyone.
+    """
 
-def redact(text):
-    """A request line or path with its weblog secret or download ticket cut out, for logs."""
-    return re.sub(r"([?&]token=|/api/download/)[^&?\s]*", r"\1...", text)
-
-
-class Server(http.server.ThreadingHTTPServer):
-    """One thread per connection, at most `max_connections` at once: past that, a connection gets
-    503 with Retry-After at once instead of a thread (the server never falls over)."""
-
-    daemon_threads = True
-    block_on_close = False
+    allow_reuse_address = True
     # socketserver's default backlog of 5 makes a burst of connections wait out SYN retransmits.
     request_queue_size = 1024
-    BUSY = json.dumps({"errors": {"general": ["too many connections; try again"]}}).encode()
 
-    def __init__(self, address, handler, app):
-        self.app = app
-        self.connections = 0
-        self.connections_lock = threading.Lock()
-        super().__init__(address, handler)
+    def __init__(self, address, app=None):
+        self.app = app  # may come after the socket is bound: set it before serve_forever
+        self.busy = 0  # slots taken: requests in progress
+        self.slots = threading.Condition()
+        self.arrivals = queue.SimpleQueue()  # (sock, address, data) for the next free handler thread
+        self.idle = 0  # handler threads waiting for an arrival that none is promised to yet
+        self.stopping = False
+        self.room = None
+        super().__init__(address, None)
 
-    def process_request(self, request, client_address):
-        with self.connections_lock:
-            busy = self.connections >= self.app.config["max_connections"]
-            if not busy:
-                self.connections += 1
-        if busy:
-            with contextlib.suppress(OSError):
-                request.settimeout(1)
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                                % (len(self.BUSY), self.BUSY))
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request, client_address):
+    def serve_forever(self):
+        """Serve until shutdown(); then stop accepting and close the connections without a request."""
+        self.room = WaitingRoom(self)
         try:
-            super().process_request_thread(request, client_address)
+            self.room.run()
         finally:
-            with self.connections_lock:
-                self.connections -= 1
+            self.server_close()
 
-    def handle_error(self, request, client_address):
-        # Clients vanish between requests (nextflow exits without waiting for its last post): not our error.
-        if isinstance(sys.exc_info()[1], CLIENT_GONE):
-            return
-        super().handle_error(request, client_address)
+    def shutdown(self):
+        """Make serve_forever return. Safe in a signal handler; unlike socketserver's, it does not
+        wait for serve_forever to return."""
+        self.stopping = True
+        if self.room:
+            self.room.wake()
 
-    def server_bind(self):
-        # HTTPServer.server_bind calls socket.getfqdn(): a reverse DNS lookup that stalls for
-        # seconds on login nodes with a broken resolver. We never need the name.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+    def start_request(self, sock, address, data):
+        """A thread for a connection whose request head is whole; False when all slots are taken."""
+        with self.slots:
+            if self.stopping or self.busy >= self.app.config["max_connections"]:
+                return False
+            self.busy += 1
+            start = not self.idle
+            self.idle -= not start
+        self.arrivals.put((sock, address, data))
+        if start:
+            threading.Thread(target=self.handle_arrivals, daemon=True).start()
+        return True
+
+    def handle_arrivals(self):
+        """Serve connections as they arrive; end after THREAD_IDLE_SECONDS without one. Each idle
+        thread counts in `idle` until an arrival is promised to it: one that times out while every
+        idle thread is promised one waits for its own."""
+        while True:
+            try:
+                sock, address, data = self.arrivals.get(timeout=THREAD_IDLE_SECONDS)
+            except queue.Empty:
+                with self.slots:
+                    if self.idle:
+                        self.idle -= 1
+                        return
+                continue
+            Connection(self, sock, address, data).serve()
+            with self.slots:
+                self.idle += 1
+
+    def take_slot(self):
+        with self.slots:
+            if self.stopping or self.busy >= self.app.config["max_connections"]:
+                return False
+            self.busy += 1
+            return True
+
+    def release_slot(self):
+        with self.slots:
+            self.busy -= 1
+            self.slots.notify_all()
+
+    def wait_for_requests(self, timeout):
+        """Whether the requests in progress ended within `timeout` seconds."""
+        with self.slots:
+            return self.slots.wait_for(lambda: self.busy == 0, timeout)
 
 
 class App:
@@ -4693,6 +5132,7 @@ class App:
         self.stopping = threading.Event()
         self.weblog_runs = {}  # run id -> (its weblog_run row, when it was read): see known_weblog_run
         self.courier = Courier(self)
+        self.refusals = Refusals()
         self.reconcile()
         threading.Thread(target=self.reap_forever, name="lease-reaper", daemon=True).start()
         self.courier.thread.start()
@@ -4708,8 +5148,15 @@ class App:
 
     def reap_lost_runs(self):
         """Runs whose worker stopped sending heartbeats are `lost`, with the reason recorded.
-        (A claim never confirmed started no nextflow: requeue_unconfirmed_claims puts it back.)"""
+        (A claim never confirmed started no nextflow: requeue_unconfirmed_claims puts it back.)
+
+        Not while the server itself turned connections away within the last lease (a 503, or the
+        waiting room closing connections): the missing heartbeats may be ones it refused. Leases
+        are judged again one lease after the last refusal, when live workers have got through.
+        """
         now = time.time()
+        if now - self.refusals.last < self.config["lease_seconds"]:
+            return
         with self.db.write() as conn:
             lost = conn.execute("SELECT id, workflow_id FROM runs WHERE status = 'running' AND lease_until < ? "
                                 "AND confirmed_at IS NOT NULL", (now,)).fetchall()
@@ -4823,7 +5270,7 @@ def listen(host, port):
     """The listening server, before anything else: a port in use must change nothing (no data
     folder, no token) and say so in one line."""
     try:
-        return Server((host, port), Handler, None)
+        return Server((host, port))
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             sys.exit("nfapi: port %d on %s is in use; choose another with --port" % (port, host))
@@ -4846,25 +5293,36 @@ def main(argv=None):
     except ConfigError as e:
         sys.exit("nfapi: configuration error in %s: %s" % (args.config, e))
     os.umask(0o077)
+    raise_descriptor_limit()
     server = listen(args.host, args.port)
     try:
         app = App(config, args.data, quiet=args.quiet)
     except (OSError, sqlite3.Error) as e:
         sys.exit("nfapi: cannot use %s as the data folder: %s" % (args.data, e))
     server.app = app
-    on_stop_signals(lambda signum, frame: threading.Thread(target=server.shutdown).start())
+    on_stop_signals(lambda signum, frame: server.shutdown())
     host, port = server.server_address[:2]
     write_server_file(app.data_dir, host, port)
     print("nfapi listening on http://%s:%d (token from %s)" % (host, port, app.token_source), flush=True)
     print(web_page_line(host, port, app), flush=True)
     try:
-        server.serve_forever(poll_interval=0.5)
+        server.serve_forever()
     finally:
         remove_server_file(app.data_dir)
-        app.stopping.set()
-        server.server_close()
-        app.courier.finish()
+        stop_after_requests(server, app)
+
+
+def stop_after_requests(server, app):
+    """Once nothing new is accepted: let the requests in progress finish (long polls end at once),
+    then close the database."""
+    app.stopping.set()
+    app.changes.close()
+    app.courier.finish()
+    if server.wait_for_requests(SHUTDOWN_GRACE):
         app.db.close()
+    else:
+        # They would fail on a closed database; SQLite needs no close to stay consistent.
+        sys.stderr.write("nfapi: stopped with %d requests still in progress\n" % server.busy)
 
 
 if __name__ == "__main__":

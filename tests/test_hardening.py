@@ -149,6 +149,10 @@ def test_idle_connections_do_not_starve_clients(tmp_path):
 
 def test_excess_connections_get_503(tmp_path):
     with server_with_idle_connections(tmp_path, 20, max_connections=20) as (srv, idle):
+        # A connection takes a thread once its request head is whole: here, for a body that never comes.
+        for sock in idle:
+            sock.sendall(("POST /api/workflows/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                          "Content-Length: 100\r\n\r\n" % srv.token).encode())
         wait_for(lambda: raw_exchange(srv.port, b"GET /api/workflows/count HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 503 "),
                  message="a 503 once all slots are taken")
         answer = raw_exchange(srv.port, b"GET /api/workflows/count HTTP/1.1\r\n\r\n")
@@ -195,13 +199,13 @@ def server_threads(srv):
 def test_clients_that_stall_are_dropped_after_client_timeout(tmp_path):
     srv = ServerProcess(tmp_path, config=write_config(tmp_path, client_timeout=1)).start()
     try:
+        idle = server_threads(srv)  # before any request: a thread stays a moment after its answer
         api = srv.client()
         wid = api.create("stalls")
         size = 64 * 1024 * 1024
         with open(os.path.join(srv.data, "workflows", str(wid), "big.bin"), "wb") as f:
             f.truncate(size)
         auth = "Authorization: Bearer %s\r\n" % srv.token
-        idle = server_threads(srv)
         # One client stops reading a download, one stops sending its body half-way.
         reader = socket.create_connection(("127.0.0.1", srv.port))
         reader.sendall(("GET /api/workflows/%d/download?path=big.bin HTTP/1.1\r\nHost: x\r\n%s\r\n" % (wid, auth)).encode())
