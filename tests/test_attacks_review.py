@@ -458,6 +458,33 @@ def test_hole_a_file_that_shrinks_during_a_tar_download_puts_a_500_into_the_200(
         server.stop()
 
 
+
+# ==== 7b. What one run's weblog secret can still write ====
+
+def test_hole_a_weblog_secret_grows_the_unpaged_processes_view_without_bound(tmp_path):
+    """Issue 11 finding 5 bounded tasks (1,000,000 a run, texts cut at 4,096 characters, `tasks`
+    paged) but not processes: each forged task may name a new process of 4 KiB, and
+    GET .../processes answers every one of them, unpaged, with two spreads each (6 queries). 1,500
+    posts (about 2 s) make a 6 MB answer; the task cap allows 1,000,000 of them (4 GB, built in memory,
+    minutes of CPU per GET, and the web page polls it during a run). Each forged task also stores about
+    50 KB (ten 4 KiB texts): 50 GB at the cap."""
+    server = ServerProcess(tmp_path).start()
+    try:
+        api = server.client()
+        wid = ready_workflow(api)
+        assert api.post("/api/workflows/%d/schedule" % wid).status == 200
+        launch = claim(api)
+        secret, run_id = run_secret(server, launch["run_id"]), launch["run_id"]
+        for task_id in range(1, 1501):
+            trace = {"task_id": task_id, "status": "SUBMITTED", "process": ("%d" % task_id + "P" * 4096)[:4096]}
+            assert weblog_post(api, wid, run_id, secret, {"event": "process_submitted", "trace": trace}).status == 200
+        resp = api.get("/api/workflows/%d/runs/%d/processes" % (wid, run_id))
+        count, paged = len(resp.json()["processes"]), "next_offset" in resp.json()
+        bounded = count <= 1000 or paged
+        assert bounded, "one answer of %d processes, %d bytes" % (count, len(resp.body))
+    finally:
+        server.stop()
+
 # ==== Promises no other test covers ====
 
 def secrets_in(data, secrets):
@@ -553,3 +580,32 @@ def test_every_file_in_the_data_folder_is_private_after_a_run(tmp_path):
     finally:
         worker.stop()
         server.stop()
+
+
+def test_the_read_only_token_changes_nothing_through_any_post(shared):
+    """Every POST route but download-link (which changes nothing) refuses the read-only token with 403,
+    Socket.IO's included (a session the owner opened: joining a room is a POST), and the weblog takes
+    a run secret only. Route by route from nfapi.ROUTES, so a new POST route cannot forget it."""
+    import nfapi
+    owner, reader = shared.client(), reader_of(shared)
+    wid = ready_workflow(owner)
+    sid = json.loads(owner.get(SOCKET_IO).body[1:])["sid"]
+    body = {"name": "x", "path": "ref.fa", "run_id": 1, "runs": [], "worker": "r", "wait": 0, "exit_code": 0}
+    posts = [(pattern, handler) for method, pattern, handler in nfapi.ROUTES if method == "POST"]
+    assert len(posts) >= 14
+    for pattern, handler in posts:
+        path = pattern.replace("<int:id>", str(wid)).replace("<int:run_id>", "1")
+        if path == "/socket.io/":
+            path = SOCKET_IO + "&sid=" + sid
+        if handler.__name__ == "workflow_download_link":
+            assert reader.post(path, {"path": "ref.fa"}).status == 200
+            continue
+        resp = reader.post(path, body)
+        if handler.__name__ == "workflow_nextflow_log":
+            assert resp.status == 401, resp
+        else:
+            assert resp.status == 403 and resp.json()["errors"]["token"] == ["this token is read-only"], (path, resp)
+    workflow = owner.get("/api/workflows/%d" % wid).json()["workflow"]
+    assert workflow["status"] is None and workflow["name"] == "wf"
+    assert owner.get("/api/workflows/count").json() == {"count": 1}
+    assert sorted(owner.get("/api/workflows/%d/files" % wid).json()["files"]) == ["ref.fa"]
