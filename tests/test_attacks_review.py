@@ -14,12 +14,11 @@ import sqlite3
 import stat
 import threading
 import time
-import urllib.parse
 
 import pytest
 
-from conftest import (ServerProcess, WorkerProcess, multipart_body, processes_with_marker, ready_workflow, wait_final,
-                      wait_for, write_config)
+from conftest import (ServerProcess, WorkerProcess, processes_with_marker, ready_workflow, wait_final, wait_for,
+                      write_config)
 
 READER = "reader-token-for-the-review"
 
@@ -429,7 +428,7 @@ def test_hole_a_line_separator_in_a_workflow_name_stops_the_runs_email(tmp_path)
         server.stop()
 
 
-# ==== 7. Still open on main: issue 11 finding 4 (in wt-net, not merged) ====
+# ==== 8. Still open on main: issue 11 finding 4 (in wt-net, not merged) ====
 
 def test_hole_a_file_that_shrinks_during_a_tar_download_puts_a_500_into_the_200(tmp_path):
     """A file truncated while a folder streams as tar.gz (tarfile needs the size it announced; a
@@ -459,7 +458,7 @@ def test_hole_a_file_that_shrinks_during_a_tar_download_puts_a_500_into_the_200(
 
 
 
-# ==== 7b. What one run's weblog secret can still write ====
+# ==== 7. What one run's weblog secret can still write ====
 
 def test_hole_a_weblog_secret_grows_the_unpaged_processes_view_without_bound(tmp_path):
     """Issue 11 finding 5 bounded tasks (1,000,000 a run, texts cut at 4,096 characters, `tasks`
