@@ -428,6 +428,32 @@ def test_hole_a_line_separator_in_a_workflow_name_stops_the_runs_email(tmp_path)
         server.stop()
 
 
+# ==== 7. What one run's weblog secret can still write ====
+
+def test_hole_a_weblog_secret_grows_the_unpaged_processes_view_without_bound(tmp_path):
+    """Issue 11 finding 5 bounded tasks (1,000,000 a run, texts cut at 4,096 characters, `tasks`
+    paged) but not processes: each forged task may name a new process of 4 KiB, and
+    GET .../processes answers every one of them, unpaged, with two spreads each (6 queries). 1,500
+    posts (about 2 s) make a 6 MB answer; the task cap allows 1,000,000 of them (4 GB, built in memory,
+    minutes of CPU per GET, and the web page polls it during a run). Each forged task also stores about
+    50 KB (ten 4 KiB texts): 50 GB at the cap."""
+    server = ServerProcess(tmp_path).start()
+    try:
+        api = server.client()
+        wid = ready_workflow(api)
+        assert api.post("/api/workflows/%d/schedule" % wid).status == 200
+        launch = claim(api)
+        secret, run_id = run_secret(server, launch["run_id"]), launch["run_id"]
+        for task_id in range(1, 1501):
+            trace = {"task_id": task_id, "status": "SUBMITTED", "process": ("%d" % task_id + "P" * 4096)[:4096]}
+            assert weblog_post(api, wid, run_id, secret, {"event": "process_submitted", "trace": trace}).status == 200
+        resp = api.get("/api/workflows/%d/runs/%d/processes" % (wid, run_id))
+        count, paged = len(resp.json()["processes"]), "next_offset" in resp.json()
+        bounded = count <= 1000 or paged
+        assert bounded, "one answer of %d processes, %d bytes" % (count, len(resp.body))
+    finally:
+        server.stop()
+
 # ==== 8. Still open on main: issue 11 finding 4 (in wt-net, not merged) ====
 
 def test_hole_a_file_that_shrinks_during_a_tar_download_puts_a_500_into_the_200(tmp_path):
@@ -457,32 +483,6 @@ def test_hole_a_file_that_shrinks_during_a_tar_download_puts_a_500_into_the_200(
         server.stop()
 
 
-
-# ==== 7. What one run's weblog secret can still write ====
-
-def test_hole_a_weblog_secret_grows_the_unpaged_processes_view_without_bound(tmp_path):
-    """Issue 11 finding 5 bounded tasks (1,000,000 a run, texts cut at 4,096 characters, `tasks`
-    paged) but not processes: each forged task may name a new process of 4 KiB, and
-    GET .../processes answers every one of them, unpaged, with two spreads each (6 queries). 1,500
-    posts (about 2 s) make a 6 MB answer; the task cap allows 1,000,000 of them (4 GB, built in memory,
-    minutes of CPU per GET, and the web page polls it during a run). Each forged task also stores about
-    50 KB (ten 4 KiB texts): 50 GB at the cap."""
-    server = ServerProcess(tmp_path).start()
-    try:
-        api = server.client()
-        wid = ready_workflow(api)
-        assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-        launch = claim(api)
-        secret, run_id = run_secret(server, launch["run_id"]), launch["run_id"]
-        for task_id in range(1, 1501):
-            trace = {"task_id": task_id, "status": "SUBMITTED", "process": ("%d" % task_id + "P" * 4096)[:4096]}
-            assert weblog_post(api, wid, run_id, secret, {"event": "process_submitted", "trace": trace}).status == 200
-        resp = api.get("/api/workflows/%d/runs/%d/processes" % (wid, run_id))
-        count, paged = len(resp.json()["processes"]), "next_offset" in resp.json()
-        bounded = count <= 1000 or paged
-        assert bounded, "one answer of %d processes, %d bytes" % (count, len(resp.body))
-    finally:
-        server.stop()
 
 # ==== Promises no other test covers ====
 
