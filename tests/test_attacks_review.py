@@ -454,6 +454,7 @@ def test_hole_a_weblog_secret_grows_the_unpaged_processes_view_without_bound(tmp
     finally:
         server.stop()
 
+
 # ==== 8. Still open on main: issue 11 finding 4 (in wt-net, not merged) ====
 
 def test_hole_a_file_that_shrinks_during_a_tar_download_puts_a_500_into_the_200(tmp_path):
@@ -481,7 +482,6 @@ def test_hole_a_file_that_shrinks_during_a_tar_download_puts_a_500_into_the_200(
         assert b"HTTP/1.1 500" not in rest, "a second answer inside the first one's body"
     finally:
         server.stop()
-
 
 
 # ==== Promises no other test covers ====
