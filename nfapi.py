@@ -368,6 +368,10 @@ def argument_value_problem(definition, value):
     if kind == "paths":
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             return "must be a list of paths"
+        # The pipeline gets them joined by commas and splits them there (param_value): a comma in a
+        # name would hand it two paths, the second one anywhere ("a,/etc/passwd").
+        if any("," in v for v in value):
+            return "a path in a list must not contain a comma (the pipeline gets the list joined by commas)"
         return next(filter(None, (string_problem(definition, v) for v in value)), None)
     if not isinstance(value, str):
         return "must be a string"
@@ -2281,7 +2285,9 @@ def record_what_ran(conn, run_id, message):
     (metadata.workflow.nextflow.version and metadata.workflow.commitId, NEXTFLOW.md 1.7 and 1.8)."""
     version = reported(message, "metadata", "workflow", "nextflow", "version")
     commit = reported(message, "metadata", "workflow", "commitId")
-    conn.execute("UPDATE runs SET nextflow_version = coalesce(?, nextflow_version), commit_id = coalesce(?, commit_id) "
+    # The first report wins: Nextflow posts `started` before any task, and a later post with the run's
+    # secret must not choose the commit and Nextflow version a relaunch runs.
+    conn.execute("UPDATE runs SET nextflow_version = coalesce(nextflow_version, ?), commit_id = coalesce(commit_id, ?) "
                  "WHERE id = ?", (version if matches(REPORTED_VERSION, version) else None,
                                   commit if matches(COMMIT_ID, commit) else None, run_id))
 
@@ -3203,8 +3209,10 @@ def summary_line(workflow, run):
 
 
 def one_line(text, limit):
-    """`text` cut to `limit` characters, with no control character left to break a line or a header."""
-    return re.sub(r"[\x00-\x1f\x7f]+", " ", text)[:limit]
+    """`text` cut to `limit` characters, with nothing left that breaks a line or a header: control
+    characters, and every line break str.splitlines knows (U+2028, U+2029, U+0085...), which the
+    e-mail package refuses in a header."""
+    return " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]+", " ", text).splitlines())[:limit]
 
 
 def duration_text(seconds):
