@@ -4780,19 +4780,21 @@ class Request:
             raise ApiError(403, "token", "this token is read-only")
         message = "missing or wrong API token (Authorization: Bearer <token>)"
         if self.over_unix_socket():
-            message += "; on the Unix socket none is needed without an Origin header (or with one listed in " \
-                       "cors_origins) and with Host: localhost"
+            message += "; on the Unix socket none is needed with Host: localhost (any port) and no Origin, " \
+                       "the page's own or one listed in cors_origins"
         raise ApiError(401, "token", message, {"WWW-Authenticate": 'Bearer realm="nfapi"'})
 
     def over_unix_socket(self):
         return self.conn.client_address == UNIX_PEER
 
     def from_owner(self):
-        """Over the Unix socket (so from our own uid), and not from a web page elsewhere: no Origin
-        or a listed one, and a loopback Host or none (see Unix socket)."""
+        """Over the Unix socket (so from our own uid), and not from a web page elsewhere: a loopback
+        Host or none, and no Origin, or a listed one, or our own page's (the Host's: a browser sends
+        its Origin with a POST even to the page's own server)."""
+        host = self.headers.get("host", "localhost")
         origin = self.headers.get("origin")
-        return (self.over_unix_socket() and (origin is None or origin in self.app.config["cors_origins"])
-                and LOOPBACK_HOST.fullmatch(self.headers.get("host", "localhost")) is not None)
+        return (self.over_unix_socket() and LOOPBACK_HOST.fullmatch(host) is not None
+                and origin in (None, "http://" + host) + tuple(self.app.config["cors_origins"]))
 
     def weblog_secret(self):
         token = self.query().get("token")

@@ -1,5 +1,6 @@
 """Token-free access for the owner over a Unix socket (--unix-socket, issue 15)."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -7,11 +8,13 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 
 import pytest
 
 from conftest import (CONFIG, PYTHON, ROOT, ServerProcess, UnixClient, WorkerProcess, ready_workflow, wait_final,
                       wait_for, write_config)
+from test_ui import Page, browser  # noqa: F401 (a fixture)
 
 UI_ORIGIN = "http://localhost:3000"
 
@@ -66,7 +69,10 @@ def test_the_owner_needs_no_token_on_the_unix_socket(owned):
     {"Host": "evil.example:8000"},  # DNS rebinding: the page's own name, pointing at the forwarded port
     {"Host": "localhost.evil.example"},
     {"Origin": UI_ORIGIN, "Host": "10.0.0.5:3001"},
-], ids=["foreign-origin", "null-origin", "rebound-host", "lookalike-host", "listed-origin-foreign-host"])
+    {"Origin": "http://localhost:8001", "Host": "localhost:8000"},  # another local port's page
+    {"Origin": "http://evil.example:8000", "Host": "evil.example:8000"},  # rebinding, same-origin to itself
+], ids=["foreign-origin", "null-origin", "rebound-host", "lookalike-host", "listed-origin-foreign-host",
+        "other-port-origin", "rebound-same-origin"])
 def test_a_request_a_web_page_may_have_sent_needs_the_token(owned, headers):
     client = UnixClient(owned.socket_path, token=owned.token)
     refused = client.post("/api/workflows/create", {"name": "csrf"}, headers=headers)
@@ -77,11 +83,13 @@ def test_a_request_a_web_page_may_have_sent_needs_the_token(owned, headers):
 
 
 @pytest.mark.parametrize("headers", [{}, {"Origin": UI_ORIGIN, "Host": "localhost:3001"}, {"Host": "127.0.0.1:8000"},
-                                     {"Host": "[::1]:8000"}, {"Host": "LOCALHOST"}])
+                                     {"Host": "[::1]:8000"}, {"Host": "LOCALHOST"},
+                                     # our own page through `ssh -L 8000:<socket>`: a POST carries its Origin
+                                     {"Origin": "http://localhost:8000", "Host": "localhost:8000"}])
 def test_loopback_hosts_and_listed_origins_need_no_token(owned, headers):
     resp = UnixClient(owned.socket_path).post("/api/workflows/create", {"name": "ok"}, headers=headers)
     assert resp.status == 200, resp
-    if "Origin" in headers:
+    if headers.get("Origin") == UI_ORIGIN:
         assert resp.headers["Access-Control-Allow-Origin"] == UI_ORIGIN
 
 
@@ -166,3 +174,59 @@ def test_a_worker_on_the_unix_socket_needs_no_token(tmp_path):
         worker.stop()
         srv.stop()
     assert "Traceback" not in srv.output() + worker.output()
+
+
+class Forward:
+    """What `ssh -N -L PORT:<socket> host` does on a laptop: a local TCP port whose connections go on
+    to the Unix socket (opened by this process, so by the socket's owner, as sshd is)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://localhost:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return
+            far = socket.socket(socket.AF_UNIX)
+            far.connect(self.path)
+            for source, sink in ((near, far), (far, near)):
+                threading.Thread(target=self.pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def pump(source, sink):
+        with contextlib.suppress(OSError):
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self):
+        self.listener.close()
+
+
+def test_our_page_through_a_forwarded_socket_needs_no_sign_in(owned, browser):  # noqa: F811
+    forward = Forward(owned.socket_path)
+    ui = Page(browser, forward)
+    try:
+        tab, expect = ui.tab, ui.expect
+        tab.goto(forward.url + "/")
+        expect(tab.get_by_role("heading", name="Workflows", exact=True)).to_be_visible()
+        expect(tab.locator("#who")).to_contain_text("Unix socket")
+        tab.get_by_label("Name").fill("Through ssh -L")
+        tab.get_by_role("button", name="Create").click()  # a POST: the browser sends Origin http://localhost:<port>
+        expect(tab.get_by_role("heading", name="Through ssh -L")).to_be_visible()
+        tab.get_by_label("Upload files").set_input_files([{"name": "a.txt", "mimeType": "text/plain", "buffer": b"a"}])
+        expect(tab.get_by_role("button", name="Delete a.txt")).to_be_visible()
+        assert [w["name"] for w in UnixClient(owned.socket_path).get("/api/workflows").json()["workflows"]] == \
+            ["Through ssh -L"]
+    finally:
+        ui.check_and_close()
+        forward.close()
