@@ -4184,7 +4184,9 @@ def openapi_document():
         "security": [{"apiToken": []}],
         "paths": paths,
         "components": {"schemas": SCHEMAS, "securitySchemes": {
-            "apiToken": {"type": "http", "scheme": "bearer"},
+            "apiToken": {"type": "http", "scheme": "bearer",
+                         "description": "Not needed by the server's owner on its Unix socket (--unix-socket), "
+                                        "with Host: localhost and no foreign Origin"},
             "runSecret": {"type": "apiKey", "in": "query", "name": "token"},
             "runBasic": {"type": "http", "scheme": "basic"}}},
     }

@@ -691,7 +691,7 @@ def check_server(report, api):
         report.problem("server", "cannot reach %s: %s" % (where, e), "start the server, or give its URL as this "
                        "node reaches it with --server ($NFAPI_SERVER)")
         return None
-    report.ok("server", "%s answers with the token" % where)
+    report.ok("server", "%s answers %s" % (where, "with the token" if api.token else "its owner with no token"))
     return info
 
 
