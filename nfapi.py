@@ -17,12 +17,15 @@ Every request needs `Authorization: Bearer <token>`. The token comes from $NFAPI
 `<data>/api-token` (created on first start, mode 0600). Nextflow's weblog posts carry a per-run
 secret instead, which works for that run only. Two routes need neither: the web page at `/`
 (nfapi_ui.html beside this file; it holds no data) and short-lived download links.
+With `--unix-socket PATH` the server listens on a Unix socket as well, where requests from its
+owner (the same uid) need no token unless a web page may have sent them (see Unix socket).
 
 Data layout under --data (created 0700, files 0600):
     nfapi.sqlite3        workflows, runs, tasks and notifications (SQLite in WAL mode)
     api-token            the API token, unless $NFAPI_TOKEN is set
     lock                 held (flock) by the one server using this folder; its pid inside
     server.json          the running server's url, host, port and pid (removed when it stops)
+    nfapi.sock           the Unix socket, when --unix-socket names it (removed when it stops)
     workflows/<id>/      the workflow's files: everything the file endpoints show
     launch/<id>/         where nextflow runs for this workflow (.nextflow/, work/, .nextflow.log)
     runs/<run id>/       params.json and console.log of one run
@@ -1240,7 +1243,7 @@ def unlink_files(folder):
 # One server per data folder, and never someone else's folder: checked before anything is written.
 
 DATA_FOLDER_NAMES = {"nfapi.sqlite3", "nfapi.sqlite3-wal", "nfapi.sqlite3-shm", "api-token", "api-read-token",
-                     "lock", "server.json", "workflows", "launch", "runs", "tmp"}
+                     "lock", "server.json", "workflows", "launch", "runs", "tmp", "nfapi.sock"}
 
 
 def refuse_foreign_folder(path):
@@ -2504,7 +2507,11 @@ def client_left(sock):
 
 
 def weblog_host(req):
-    """Nextflow runs beside the worker, so it reaches the server the way the worker did: its Host."""
+    """Nextflow runs beside the worker, so it reaches the server the way the worker did: its Host.
+    A worker on the Unix socket is on this node, and its Host (localhost) names no TCP port of
+    ours: Nextflow then gets the address we listen on."""
+    if req.over_unix_socket():
+        return tcp_address(req.conn.server)
     host = req.headers.get("host", "")
     if not re.fullmatch(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", host):
         raise ApiError(400, "Host", "a Host header is needed to build the weblog URL")
@@ -3877,9 +3884,7 @@ def web_page_line(host, port, app):
 
 def whoami(req):
     """Whether the caller holds the read-only token (the web page then leaves out what it cannot do)."""
-    # The dispatcher let the request in, so the token is one of the two.
-    _, _, token = req.headers.get("authorization", "").partition(" ")
-    return 200, {"read_only": not hmac.compare_digest(token.strip().encode(), req.app.token.encode())}
+    return 200, {"read_only": req.read_only}
 
 
 class DownloadLinks:
@@ -4187,7 +4192,9 @@ def openapi_document():
         "security": [{"apiToken": []}],
         "paths": paths,
         "components": {"schemas": SCHEMAS, "securitySchemes": {
-            "apiToken": {"type": "http", "scheme": "bearer"},
+            "apiToken": {"type": "http", "scheme": "bearer",
+                         "description": "Not needed by the server's owner on its Unix socket (--unix-socket), "
+                                        "with Host: localhost and no foreign Origin"},
             "runSecret": {"type": "apiKey", "in": "query", "name": "token"},
             "runBasic": {"type": "http", "scheme": "basic"}}},
     }
@@ -4325,6 +4332,97 @@ def skip_blank_lines(data):
     return data.lstrip(b"\r\n") if data[:1] in (b"\r", b"\n") else data
 
 
+# ==== Unix socket ====
+# The owner's own door (--unix-socket): a socket, mode 0600, in a folder only its owner can enter, that
+# also tells who connected (SO_PEERCRED). Connections from any other uid are closed at once; requests
+# from the owner need no token, unless a web page may have sent them. A socket forwarded to a port
+# (ssh -L) is reachable from every page in that laptop's browser: a cross-site post carries the page's
+# Origin, and a DNS-rebinding page the attacker's name as Host. Those requests need the token as usual.
+
+UNIX_PEER = ("unix-socket", 0)  # the client address of a connection over the Unix socket
+LOOPBACK_HOST = re.compile(r"(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?", re.I)
+
+
+class UnixListener:
+    """The listening Unix socket at `path`; close() removes it, unless another server replaced it."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        check_socket_folder(os.path.dirname(self.path))
+        remove_stale_socket(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.bind(self.path)
+            os.chmod(self.path, 0o600)
+            self.inode = os.stat(self.path).st_ino
+            self.sock.listen(Server.request_queue_size)
+        except OSError as e:
+            self.sock.close()
+            if e.errno == errno.EADDRINUSE:
+                sys.exit("nfapi: another server listens on %s" % self.path)
+            sys.exit("nfapi: cannot listen on %s: %s" % (self.path, e.strerror or e))
+
+    def close(self):
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+
+
+def check_socket_folder(folder):
+    """Only its owner may enter the socket's folder: the socket's own mode is not checked by every
+    system, and nobody else may replace the socket. A missing folder is made (the README suggests
+    <data>/nfapi.sock, and the data folder may not exist yet)."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        sys.exit("nfapi: --unix-socket needs SO_PEERCRED, which this system lacks (it is Linux's)")
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        sys.exit("nfapi: cannot make %s for the Unix socket: %s" % (folder, e.strerror))
+    st = os.stat(folder)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        sys.exit("nfapi: the Unix socket's folder %s must be yours and closed to others (chmod 700 %s)"
+                 % (folder, folder))
+
+
+def remove_stale_socket(path):
+    """Remove a socket left by a server that was killed (nobody listens on it); exit when one listens
+    or when `path` is something else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        sys.exit("nfapi: %s exists and is not a socket; move it away or choose another --unix-socket" % path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)  # a live server with a full backlog makes connect() wait
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    sys.exit("nfapi: another server listens on %s" % path)
+
+
+def peer_uid(sock):
+    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid
+
+
+def tcp_address(server):
+    """host:port of our TCP listener, as Nextflow beside a worker on this node reaches it."""
+    host, port = server.server_address[:2]
+    return "%s:%d" % ("127.0.0.1" if host == "0.0.0.0" else host, port)
+
+
 # ==== Waiting room ====
 
 WAITING_ROOM_SIZE = 10000  # connections
@@ -4355,6 +4453,7 @@ class Refusals:
     SHORT = "closed %d connections without a request head in the last %d s (oldest first; descriptors short)"
     FULL = "closed %d connections without a request head in the last %d s (oldest first; waiting room full)"
     BUSY = "answered %d requests with 503 in the last %d s (max_connections requests in progress)"
+    FOREIGN = "closed %d connections to the Unix socket from other users in the last %d s"
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -4416,6 +4515,9 @@ class WaitingRoom:
         for sock in (server.socket, self.wake_reader, self.wake_writer):
             sock.setblocking(False)
         self.selector.register(server.socket, selectors.EVENT_READ, self.accept)
+        if server.unix:
+            server.unix.sock.setblocking(False)
+            self.selector.register(server.unix.sock, selectors.EVENT_READ, self.accept)
         self.selector.register(self.wake_reader, selectors.EVENT_READ, self.take_back)
 
     def run(self):
@@ -4462,9 +4564,15 @@ class WaitingRoom:
             self.admit(sock, address)
 
     def admit(self, sock, address):
-        # Heads and bodies sent in separate writes must not wait for the client's delayed ACK
-        # (Nagle's algorithm: 40 ms per answer on Linux).
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family == socket.AF_UNIX:
+            if peer_uid(sock) != os.getuid():
+                sock.close()
+                return self.app.refusals.count(Refusals.FOREIGN)
+            address = UNIX_PEER
+        else:
+            # Heads and bodies sent in separate writes must not wait for the client's delayed ACK
+            # (Nagle's algorithm: 40 ms per answer on Linux).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # The socket stays blocking and the kernel enforces the timeouts (SO_RCVTIMEO, SO_SNDTIMEO).
         # A Python socket timeout polls before every receive and send, and each poll gives up the
         # GIL once more: a fifth of a weblog post's cost with 16 runs posting at once.
@@ -4618,6 +4726,7 @@ class Request:
         self.body_left = None  # bytes of the body not read yet; None until the request is framed
         self.json_body = self.query_params = None
         self.prepared = False
+        self.read_only = False  # authenticated with the read-only token
 
     def parse(self, head):
         """Read a request head (without its blank line). Header names are lower-cased; a repeated
@@ -4666,17 +4775,36 @@ class Request:
             self.authenticate(reads_only=getattr(self.route[0], "reads_only", False))
 
     def authenticate(self, reads_only=False):
-        """The API token allows everything; the optional read-only token allows GET and `reads_only` POSTs."""
+        """The API token allows everything; the optional read-only token allows GET and `reads_only` POSTs;
+        the owner on the Unix socket needs neither."""
+        if self.from_owner():
+            return
         scheme, _, token = self.headers.get("authorization", "").partition(" ")
         token = token.strip().encode() if scheme.lower() == "bearer" else b""
         if hmac.compare_digest(token, self.app.token.encode()):
             return
         if self.app.read_token and hmac.compare_digest(token, self.app.read_token.encode()):
             if self.command == "GET" or reads_only:
+                self.read_only = True
                 return
             raise ApiError(403, "token", "this token is read-only")
-        raise ApiError(401, "token", "missing or wrong API token (Authorization: Bearer <token>)",
-                       {"WWW-Authenticate": 'Bearer realm="nfapi"'})
+        message = "missing or wrong API token (Authorization: Bearer <token>)"
+        if self.over_unix_socket():
+            message += "; on the Unix socket none is needed with Host: localhost (any port) and no Origin, " \
+                       "the page's own or one listed in cors_origins"
+        raise ApiError(401, "token", message, {"WWW-Authenticate": 'Bearer realm="nfapi"'})
+
+    def over_unix_socket(self):
+        return self.conn.client_address == UNIX_PEER
+
+    def from_owner(self):
+        """Over the Unix socket (so from our own uid), and not from a web page elsewhere: a loopback
+        Host or none, and no Origin, or a listed one, or our own page's (the Host's: a browser sends
+        its Origin with a POST even to the page's own server)."""
+        host = self.headers.get("host", "localhost")
+        origin = self.headers.get("origin")
+        return (self.over_unix_socket() and LOOPBACK_HOST.fullmatch(host) is not None
+                and origin in (None, "http://" + host) + tuple(self.app.config["cors_origins"]))
 
     def weblog_secret(self):
         token = self.query().get("token")
@@ -5051,6 +5179,7 @@ class Server(socketserver.TCPServer):
         self.idle = 0  # handler threads waiting for an arrival that none is promised to yet
         self.stopping = False
         self.room = None
+        self.unix = None  # the UnixListener, with --unix-socket
         super().__init__(address, None)
 
     def serve_forever(self):
@@ -5267,6 +5396,8 @@ def parse_args(argv):
     parser.add_argument("--data", default=env("NFAPI_DATA", "nfapi-data"), help="data folder ($NFAPI_DATA)")
     parser.add_argument("--host", default=env("NFAPI_HOST", "127.0.0.1"), help="address to bind ($NFAPI_HOST)")
     parser.add_argument("--port", type=int, default=int(env("NFAPI_PORT", "8000")), help="port, 0 for any ($NFAPI_PORT)")
+    parser.add_argument("--unix-socket", default=env("NFAPI_UNIX_SOCKET"),
+                        help="also serve on this Unix socket, where its owner needs no token ($NFAPI_UNIX_SOCKET)")
     parser.add_argument("--quiet", action="store_true", help="do not log each request")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
@@ -5303,6 +5434,15 @@ def main(argv=None):
     os.umask(0o077)
     raise_descriptor_limit()
     server = listen(args.host, args.port)
+    server.unix = UnixListener(args.unix_socket) if args.unix_socket else None
+    try:
+        serve(server, config, args)
+    finally:
+        if server.unix:
+            server.unix.close()
+
+
+def serve(server, config, args):
     try:
         app = App(config, args.data, quiet=args.quiet)
     except (OSError, sqlite3.Error) as e:
@@ -5312,6 +5452,9 @@ def main(argv=None):
     host, port = server.server_address[:2]
     write_server_file(app.data_dir, host, port)
     print("nfapi listening on http://%s:%d (token from %s)" % (host, port, app.token_source), flush=True)
+    if server.unix:
+        print("nfapi also listening on %s: its owner (uid %d) needs no token there" % (server.unix.path, os.getuid()),
+              flush=True)
     print(web_page_line(host, port, app), flush=True)
     try:
         server.serve_forever()

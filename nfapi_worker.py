@@ -4,6 +4,7 @@
     NFAPI_TOKEN=... python3 nfapi_worker.py --server http://127.0.0.1:8000 [--slots N] [--nextflow PATH]
     python3 nfapi_worker.py --server http://login1:8000 --token-file nfapi-data/api-token
     python3 nfapi_worker.py --check --server http://login1:8000    # is this node ready to run?
+    python3 nfapi_worker.py --server unix:nfapi-data/nfapi.sock      # on the server's node, no token
 
 The worker talks to the server over HTTP only (it never opens the database), so it can run on
 another node that shares the data folder, and several workers can serve one server. It long-polls
@@ -77,13 +78,30 @@ class Refused(Unavailable):
     """The server refused the request for good (a 4xx answer): asking again cannot change it."""
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over the server's Unix socket (--server unix:PATH), where its owner needs no token."""
+
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
 class Api:
     def __init__(self, server, token):
         url = urllib.parse.urlsplit(server)
-        self.connection_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        self.address = url.netloc
-        self.prefix = url.path.rstrip("/")
-        self.token = token
+        if url.scheme == "unix":
+            self.connection_class, self.address, self.prefix = UnixHTTPConnection, url.path, ""
+        else:
+            self.connection_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+            self.address = url.netloc
+            self.prefix = url.path.rstrip("/")
+        self.where = server
+        self.token = token  # None on the Unix socket
 
     def connection(self, timeout=30):
         return self.connection_class(self.address, timeout=timeout)
@@ -101,8 +119,10 @@ class Api:
         again cannot help."""
         conn = connection or self.connection(timeout)
         try:
-            conn.request(method, self.prefix + path, body=data, headers={
-                "Authorization": "Bearer " + self.token, "Content-Type": "application/json"})
+            headers = {"Content-Type": "application/json"}
+            if self.token:
+                headers["Authorization"] = "Bearer " + self.token
+            conn.request(method, self.prefix + path, body=data, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
         except (OSError, http.client.HTTPException) as e:
@@ -659,7 +679,7 @@ def listdir_or_empty(folder):
 
 def check_server(report, api):
     """What the server says the worker needs (GET /api/worker/check), or None when it cannot be asked."""
-    where = api.connection_class.__name__.replace("Connection", "").lower() + "://" + api.address + api.prefix
+    where = api.where
     try:
         api.get("/api/nextflow-workflows")
         info = api.get("/api/worker/check")
@@ -671,7 +691,7 @@ def check_server(report, api):
         report.problem("server", "cannot reach %s: %s" % (where, e), "start the server, or give its URL as this "
                        "node reaches it with --server ($NFAPI_SERVER)")
         return None
-    report.ok("server", "%s answers with the token" % where)
+    report.ok("server", "%s answers %s" % (where, "with the token" if api.token else "its owner with no token"))
     return info
 
 
@@ -743,6 +763,7 @@ def check_remote_pipeline(report, label, pipeline, env):
 # ==== Main ====
 
 def read_token(args):
+    """The API token; None on the server's Unix socket without one (its owner needs none there)."""
     if args.token_file:
         try:
             with open(args.token_file, encoding="ascii") as f:
@@ -751,13 +772,16 @@ def read_token(args):
             sys.exit("nfapi-worker: cannot read the token file: %s" % e)
     if os.environ.get("NFAPI_TOKEN"):
         return os.environ["NFAPI_TOKEN"]
-    sys.exit("nfapi-worker: set NFAPI_TOKEN or give --token-file")
+    if args.server.startswith("unix:"):
+        return None
+    sys.exit("nfapi-worker: set NFAPI_TOKEN or give --token-file, or reach the server on its Unix socket "
+             "with --server unix:PATH")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Run nextflow for runs scheduled on an nfapi server.")
     parser.add_argument("--server", default=os.environ.get("NFAPI_SERVER", "http://127.0.0.1:8000"),
-                        help="the server's URL ($NFAPI_SERVER)")
+                        help="the server's URL, or unix:PATH for its Unix socket ($NFAPI_SERVER)")
     parser.add_argument("--slots", type=int, default=1, help="runs at once (default 1)")
     parser.add_argument("--nextflow", default="nextflow", help="the nextflow binary (default: nextflow on PATH)")
     parser.add_argument("--token-file", help="read the API token from this file instead of $NFAPI_TOKEN")

@@ -5,6 +5,7 @@ import json
 import re
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -387,3 +388,32 @@ def stand(tmp_path, request):
             w.stop(signal.SIGKILL)
         srv.stop()
     assert "Traceback" not in srv.output(), srv.output()
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket, as curl --unix-socket does: Host is localhost."""
+
+    def __init__(self, path, timeout=60):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+class UnixClient(Client):
+    """A Client on the server's Unix socket (--unix-socket). It sends no token unless asked (token=True)."""
+
+    def __init__(self, path, token=None):
+        self.path = path
+        self.token = token
+        self.conn = UnixHTTPConnection(path)
+
+    def request(self, method, path, body=None, headers=None, token=False):
+        return super().request(method, path, body=body, headers=headers, token=token)
+
+    def reconnect(self):
+        self.conn.close()
+        self.conn = UnixHTTPConnection(self.path, timeout=self.conn.timeout)
