@@ -39,11 +39,11 @@ stop_in_order = trap 'kill -KILL $$worker $$server 2>/dev/null' INT TERM HUP; \
 	kill -TERM $$worker 2>/dev/null; wait $$worker; \
 	kill -TERM $$server 2>/dev/null; wait $$server
 
-# The worker reads the token from $NFAPI_TOKEN when set, else from the file the server creates.
+# The worker talks to the server over its Unix socket in the data folder: it needs no token, and no
+# other user can stand in for the server there (a TCP port can be taken while the server restarts).
 run:
-	@$(call start_server,--config $(CONFIG) --host $(HOST) --port $(PORT),$(DATA)) \
-	$(PYTHON) nfapi_worker.py --server $$url --slots $(SLOTS) --nextflow $(NEXTFLOW) \
-	  $(if $(NFAPI_TOKEN),,--token-file $(DATA)/api-token) & worker=$$!; \
+	@$(call start_server,--config $(CONFIG) --host $(HOST) --port $(PORT) --unix-socket $(DATA)/nfapi.sock,$(DATA)) \
+	$(PYTHON) nfapi_worker.py --server unix:$(DATA)/nfapi.sock --slots $(SLOTS) --nextflow $(NEXTFLOW) & worker=$$!; \
 	$(wait_for_stop) \
 	$(stop_in_order)
 
