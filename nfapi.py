@@ -16,7 +16,9 @@ its Nextflow version (`nextflow_version`, given to nextflow as NXF_VER).
 Every request needs `Authorization: Bearer <token>`. The token comes from $NFAPI_TOKEN, else from
 `<data>/api-token` (created on first start, mode 0600). Nextflow's weblog posts carry a per-run
 secret instead, which works for that run only. Two routes need neither: the web page at `/`
-(nfapi_ui.html beside this file; it holds no data) and short-lived download links.
+(nfapi_ui.html beside this file; it holds no data) and short-lived download links. The worker never
+sends the token: it signs each request with it (`Authorization: Nfapi-HMAC ...`), and uses only
+answers the server signed (X-Nfapi-Proof): see Request.worker_mac_problem.
 
 Data layout under --data (created 0700, files 0600):
     nfapi.sqlite3        workflows, runs, tasks and notifications (SQLite in WAL mode)

@@ -11,7 +11,9 @@ another node that shares the data folder, and several workers can serve one serv
 reports each end to `/api/workflows/<id>/finished` with nextflow's exit code. Each claim comes with a
 claim secret that every report about the run shows. A claimed run is confirmed with a heartbeat
 before nextflow starts: a claim the server has taken back meanwhile is dropped. A run the server
-answers as `gone` (it gave up on it) has its nextflow stopped at once.
+answers as `gone` (it gave up on it) has its nextflow stopped at once. The token never leaves the
+worker: each request carries an HMAC made with it, and an answer is used only with the server's proof
+(Api.request), so whatever holds the server's port while nfapi is down learns nothing and commands nothing.
 
 Nextflow gets the launch the server built: the argv after the binary (user values are only in the
 params file, where `$` is written `\\u0024` so Nextflow replaces no `${...}` in them), the run's

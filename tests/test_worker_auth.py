@@ -14,7 +14,7 @@ import time
 import types
 
 import nfapi_worker
-from conftest import ServerProcess, WorkerProcess, ready_workflow, wait_final, wait_for, write_config
+from conftest import ServerProcess, WorkerProcess, ready_workflow, wait_final, write_config
 
 
 def sign(token, method, path, body, nonce=None, when=None):
