@@ -16,7 +16,9 @@ its Nextflow version (`nextflow_version`, given to nextflow as NXF_VER).
 Every request needs `Authorization: Bearer <token>`. The token comes from $NFAPI_TOKEN, else from
 `<data>/api-token` (created on first start, mode 0600). Nextflow's weblog posts carry a per-run
 secret instead, which works for that run only. Two routes need neither: the web page at `/`
-(nfapi_ui.html beside this file; it holds no data) and short-lived download links.
+(nfapi_ui.html beside this file; it holds no data) and short-lived download links. The worker never
+sends the token: it signs each request with it (`Authorization: Nfapi-HMAC ...`), and uses only
+answers the server signed (X-Nfapi-Proof): see Request.worker_mac_problem.
 With `--unix-socket PATH` the server listens on a Unix socket as well, where requests from its
 owner (the same uid) need no token unless a web page may have sent them (see Unix socket).
 
@@ -141,6 +143,11 @@ EMAIL_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?
                            r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 MAX_NOTIFY_EMAILS = 20  # a workflow's own recipients
 RETRY_AFTER_SECONDS = [30, 90, 180, 300]  # a notification is tried 5 times over 10 minutes
+# A worker request (Request.worker_mac_problem): its time may be this far from ours, and its nonce is
+# remembered for twice as long, which covers every moment its time is accepted.
+WORKER_CLOCK_SKEW = 120
+WORKER_MAC = re.compile(r"nonce=([0-9a-f]{32}), *time=([0-9]{1,12}), *mac=([0-9a-f]{64})")
+MAX_WORKER_NONCES = 100 * 1000  # 400 worker requests a second
 
 
 # ==== Errors ====
@@ -4714,6 +4721,33 @@ class WaitingRoom:
 
 # ==== Requests ====
 
+def hmac_hex(token, text):
+    return hmac.new(token.encode(), text.encode(), "sha256").hexdigest()
+
+
+class SeenNonces:
+    """The nonces of the worker requests taken in the last 2 * WORKER_CLOCK_SKEW seconds: a request is
+    taken once. Only requests signed with the token get here, at most MAX_WORKER_NONCES of them."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.seen = collections.OrderedDict()  # nonce -> when it was taken (monotonic), oldest first
+
+    def first_use(self, nonce):
+        """Whether `nonce` is new (it is remembered now); 503 while too many are remembered."""
+        now = time.monotonic()
+        with self.lock:
+            while self.seen and next(iter(self.seen.values())) < now - 2 * WORKER_CLOCK_SKEW:
+                self.seen.popitem(last=False)
+            if nonce in self.seen:
+                return False
+            if len(self.seen) >= MAX_WORKER_NONCES:
+                raise ApiError(503, "token", "too many worker requests; try again in a minute",
+                               {"Retry-After": "60"})
+            self.seen[nonce] = now
+            return True
+
+
 class Request:
     """One request as its route handler sees it: the head, the query, who sent it, and the body,
     read on demand and never past Content-Length."""
@@ -4727,6 +4761,7 @@ class Request:
         self.json_body = self.query_params = None
         self.prepared = False
         self.read_only = False  # authenticated with the read-only token
+        self.worker_nonce = self.worker_body_sha256 = None  # set by a worker's signed request
 
     def parse(self, head):
         """Read a request head (without its blank line). Header names are lower-cased; a repeated
@@ -4776,10 +4811,16 @@ class Request:
 
     def authenticate(self, reads_only=False):
         """The API token allows everything; the optional read-only token allows GET and `reads_only` POSTs;
-        the owner on the Unix socket needs neither."""
+        the owner on the Unix socket needs neither. The worker shows the API token without sending it
+        (worker_mac_problem)."""
         if self.from_owner():
             return
         scheme, _, token = self.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "nfapi-hmac":
+            problem = self.worker_mac_problem(token)
+            if problem is None:
+                return
+            raise ApiError(401, "token", problem, {"WWW-Authenticate": 'Bearer realm="nfapi"'})
         token = token.strip().encode() if scheme.lower() == "bearer" else b""
         if hmac.compare_digest(token, self.app.token.encode()):
             return
@@ -4806,6 +4847,34 @@ class Request:
         return (self.over_unix_socket() and LOOPBACK_HOST.fullmatch(host) is not None
                 and origin in (None, "http://" + host) + tuple(self.app.config["cors_origins"]))
 
+    def worker_mac_problem(self, credentials):
+        """Why `Nfapi-HMAC nonce=<hex>, time=<unix seconds>, mac=<hex>` does not stand for the API token,
+        or None. The worker never sends the token: whoever holds our port while we are down (a restart,
+        a crash) would get it. It sends an HMAC-SHA256, keyed with the token, of the method, the path,
+        the nonce, the time and the body's SHA-256 (X-Nfapi-Body-SHA256, checked against the body in
+        body_chunks); a nonce is taken once, so a request seen cannot be sent again. Every answer to
+        such a request is signed in turn (answer_proof): the worker obeys no answer we did not sign."""
+        found = WORKER_MAC.fullmatch(credentials.strip())
+        body_sha256 = self.headers.get("x-nfapi-body-sha256", "")
+        if not found or not re.fullmatch(r"[0-9a-f]{64}", body_sha256):
+            return "a malformed Nfapi-HMAC authorization, or no X-Nfapi-Body-SHA256"
+        nonce, when, mac = found.groups()
+        if abs(time.time() - int(when)) > WORKER_CLOCK_SKEW:
+            return ("the worker's clock is more than %d s from the server's: set both clocks right (NTP)"
+                    % WORKER_CLOCK_SKEW)
+        signed = "\n".join((self.command, self.path, nonce, when, body_sha256))
+        if not hmac.compare_digest(mac, hmac_hex(self.app.token, signed)):
+            return "the Nfapi-HMAC was not made with the API token"
+        if not self.app.worker_nonces.first_use(nonce):
+            return "this worker request was already received once (a nonce is used once)"
+        self.worker_nonce, self.worker_body_sha256 = nonce, body_sha256
+        return None
+
+    def answer_proof(self, status, data):
+        """X-Nfapi-Proof of an answer to a worker request: that we, who know the token, sent it."""
+        return hmac_hex(self.app.token, "answer\n%s\n%d\n%s" % (self.worker_nonce, status,
+                                                                   hashlib.sha256(data).hexdigest()))
+
     def weblog_secret(self):
         token = self.query().get("token")
         scheme, _, credentials = self.headers.get("authorization", "").partition(" ")
@@ -4829,10 +4898,15 @@ class Request:
         """The body as it arrives. All of it must come within client_timeout seconds plus its
         length at MIN_BODY_RATE, and no receive may wait longer than client_timeout."""
         deadline = time.monotonic() + self.app.config["client_timeout"] + self.body_left / MIN_BODY_RATE
+        digest = hashlib.sha256() if self.worker_body_sha256 else None
         while self.body_left:
             chunk = self.conn.receive(min(READ_CHUNK, self.body_left), deadline)
             self.body_left -= len(chunk)
+            if digest:
+                digest.update(chunk)
             yield chunk
+        if digest and not hmac.compare_digest(digest.hexdigest(), self.worker_body_sha256):
+            raise ApiError(401, "token", "the body is not the one the worker signed (X-Nfapi-Body-SHA256)")
 
     def json(self):
         """The body as a JSON object (an empty body is `{}`); 413 over max_json_bytes."""
@@ -5085,6 +5159,8 @@ class Connection:
         fields.update(headers or {})
         fields.update(self.cors_headers(req))
         fields["X-Content-Type-Options"] = "nosniff"
+        if req.worker_nonce and body.data is not None:
+            fields["X-Nfapi-Proof"] = req.answer_proof(status, body.data)
         if body.length is None:
             fields["Transfer-Encoding"] = "chunked"
         else:
@@ -5270,6 +5346,7 @@ class App:
         self.weblog_runs = {}  # run id -> (its weblog_run row, when it was read): see known_weblog_run
         self.courier = Courier(self)
         self.refusals = Refusals()
+        self.worker_nonces = SeenNonces()
         self.reconcile()
         threading.Thread(target=self.reap_forever, name="lease-reaper", daemon=True).start()
         self.courier.thread.start()

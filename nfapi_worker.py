@@ -12,7 +12,9 @@ another node that shares the data folder, and several workers can serve one serv
 reports each end to `/api/workflows/<id>/finished` with nextflow's exit code. Each claim comes with a
 claim secret that every report about the run shows. A claimed run is confirmed with a heartbeat
 before nextflow starts: a claim the server has taken back meanwhile is dropped. A run the server
-answers as `gone` (it gave up on it) has its nextflow stopped at once.
+answers as `gone` (it gave up on it) has its nextflow stopped at once. The token never leaves the
+worker: each request carries an HMAC made with it, and an answer is used only with the server's proof
+(Api.request), so whatever holds the server's port while nfapi is down learns nothing and commands nothing.
 
 Nextflow gets the launch the server built: the argv after the binary (user values are only in the
 params file, where `$` is written `\\u0024` so Nextflow replaces no `${...}` in them), the run's
@@ -31,10 +33,13 @@ import argparse
 import contextlib
 import ctypes
 import fcntl
+import hashlib
+import hmac
 import http.client
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -91,6 +96,10 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock.connect(self.path)
 
 
+class Unsigned(Unavailable):
+    """An answer without the server's proof: the token is wrong, or what answered is not the server."""
+
+
 class Api:
     def __init__(self, server, token):
         url = urllib.parse.urlsplit(server)
@@ -116,21 +125,32 @@ class Api:
     def request(self, method, path, data, timeout=30, connection=None):
         """Return the answer, a JSON object ({} for an empty body). The worker can only log and go on,
         so every failure is raised as Unavailable with the server's message; Refused when asking
-        again cannot help."""
+        again cannot help.
+
+        The token never leaves the worker: whoever holds the server's port while the server is down
+        would get it. The request carries an HMAC made with it instead, and the answer must carry
+        the server's proof (an HMAC of our nonce, its status and its body), or nothing in it is used."""
         conn = connection or self.connection(timeout)
+        nonce = secrets.token_hex(16)
         try:
-            headers = {"Content-Type": "application/json"}
-            if self.token:
-                headers["Authorization"] = "Bearer " + self.token
+            # Over the Unix socket the kernel vouches for both ends (a 0700 folder, SO_PEERCRED): no token.
+            headers = self.signature(method, path, nonce, data) if self.token else {"Content-Type": "application/json"}
             conn.request(method, self.prefix + path, body=data, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
+            proof = resp.getheader("X-Nfapi-Proof", "")
         except (OSError, http.client.HTTPException) as e:
             raise Unavailable("%s: %s" % (path, e))
         finally:
             conn.close()
+        said = data[:300].decode("utf-8", "replace")
+        if self.token and not hmac.compare_digest(proof.encode("latin-1"),
+                                                  self.hmac("answer\n%s\n%d\n%s" % (nonce, resp.status, sha256_hex(data))).encode()):
+            raise Unsigned("%s answered %d without the server's proof, so nothing in it was used (%r). Either the "
+                           "token is wrong, or the program at %s is NOT the nfapi server: another program may hold "
+                           "its port while nfapi is down" % (path, resp.status, said[:120], self.address))
         if resp.status >= 400:
-            message = "%s answered %d: %s" % (path, resp.status, data[:300].decode("utf-8", "replace"))
+            message = "%s answered %d: %s" % (path, resp.status, said)
             raise (Refused if resp.status < 500 and resp.status not in (408, 429) else Unavailable)(message)
         try:
             answer = json.loads(data) if data.strip() else {}
@@ -139,6 +159,21 @@ class Api:
         if not isinstance(answer, dict):
             raise Unavailable("%s answered something that is not a JSON object" % path)
         return answer
+
+    def signature(self, method, path, nonce, data):
+        """The headers that show the token without sending it (nfapi.py: Request.worker_mac_problem). The
+        path is the one the server sees: a proxy that serves it under a prefix takes the prefix off."""
+        when, body = str(int(time.time())), sha256_hex(data or b"")
+        mac = self.hmac("\n".join((method, path, nonce, when, body)))
+        return {"Authorization": "Nfapi-HMAC nonce=%s, time=%s, mac=%s" % (nonce, when, mac),
+                "X-Nfapi-Body-SHA256": body, "Content-Type": "application/json"}
+
+    def hmac(self, text):
+        return hmac.new(self.token.encode(), text.encode(), "sha256").hexdigest()
+
+
+def sha256_hex(data):
+    return hashlib.sha256(data).hexdigest()
 
 
 def claim_of(launch):
@@ -402,8 +437,9 @@ class Worker:
                 claim = {"worker": self.name, "wait": CLAIM_WAIT_SECONDS, "host": socket.gethostname(),
                          "pid": os.getpid(), "slots": self.slots, "nextflow_version": self.nextflow_version}
                 launch = self.api.post("/api/worker/claim", claim, connection=self.claim_connection).get("run")
-                if launch is not None and not is_launch(launch):
-                    raise Unavailable("the claim answer is not a launch: %r" % (launch,))
+                problem = None if launch is None else launch_problem(launch)
+                if problem:  # its text holds secrets (the config, the claim secret): not logged
+                    raise Unavailable("the claim answer is not a launch this worker runs: %s" % problem)
             except Unavailable as e:
                 if self.stop.is_set():
                     break
@@ -525,12 +561,25 @@ class Worker:
         self.slot_free.set()
 
 
-def is_launch(launch):
+LAUNCH_PATHS = ("cwd", "run_dir", "params_file", "console_log", "config_file")
+
+
+def launch_problem(launch):
+    """Why the worker does not run `launch`, or None. Besides its shape (the server is newer or older),
+    the worker checks what it cheaply can, should an answer not be the server's own: every path it
+    writes or starts in is absolute and normalised, and nextflow's first word is `run`."""
     keys = {"run_id": int, "workflow_id": int, "argv": list, "cwd": str, "params": dict, "params_file": str,
             "run_dir": str, "config_file": str, "config": str, "config_url_token": str, "console_log": str,
             "claim_secret": str, "claim_confirm_seconds": (int, float)}
-    return isinstance(launch, dict) and all(isinstance(launch.get(k), t) for k, t in keys.items()) \
-        and all(isinstance(a, str) for a in launch["argv"])
+    if not (isinstance(launch, dict) and all(isinstance(launch.get(k), t) for k, t in keys.items())
+            and all(isinstance(a, str) for a in launch["argv"])):
+        return "its fields are not those of a launch (is the server of another version?)"
+    for key in LAUNCH_PATHS:
+        if not os.path.isabs(launch[key]) or os.path.normpath(launch[key]) != launch[key]:
+            return "its %s is not an absolute, normalised path: %r" % (key, launch[key][:200])
+    if launch["argv"][:1] != ["run"]:
+        return "its nextflow command is not `nextflow run ...`"
+    return None
 
 
 # ==== Self-check ====
@@ -683,9 +732,10 @@ def check_server(report, api):
     try:
         api.get("/api/nextflow-workflows")
         info = api.get("/api/worker/check")
-    except Refused as e:
+    except (Refused, Unsigned) as e:
         report.problem("server", "%s refused the token: %s" % (where, e), "give the server's API token (its "
-                       "<data>/api-token) in NFAPI_TOKEN or with --token-file")
+                       "<data>/api-token) in NFAPI_TOKEN or with --token-file, and check that %s is nfapi"
+                       % where)
         return None
     except Unavailable as e:
         report.problem("server", "cannot reach %s: %s" % (where, e), "start the server, or give its URL as this "

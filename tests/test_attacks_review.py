@@ -133,6 +133,9 @@ class Squatter:
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(out), out))
 
+    def claims(self):
+        return sum(line.split()[1].endswith("/api/worker/claim") for line, _ in self.requests)
+
     def tokens_seen(self):
         return [headers.get("authorization", "") for _, headers in self.requests]
 
@@ -164,7 +167,9 @@ def test_hole_the_worker_gives_its_token_to_and_obeys_whoever_holds_the_servers_
                   "claim_secret": "squatted", "claim_confirm_seconds": 10}
         squatter = Squatter(port, launch)  # ...and another user's program takes the port first
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not (victim.exists() and squatter.requests):
+        # Until the worker has used the launch, or come back to claim: with its one slot, it took none.
+        while time.monotonic() < deadline and not (victim.exists() and squatter.requests) \
+                and squatter.claims() < 2:
             time.sleep(0.05)
         stolen = [t for t in squatter.tokens_seen() if token in t]
         written = victim.read_text() if victim.exists() else None
