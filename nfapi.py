@@ -172,6 +172,36 @@ class ConfigError(Exception):
         super().__init__("%s: %s" % (".".join(where) or "(top level)", message))
 
 
+# ==== Shares of what everyone shares ====
+# The read-only token is for people trusted less than the owner. Of each pool that every client
+# draws from (request slots, Socket.IO sessions, download links), its requests may hold at most
+# half, so that the API token (the owner, and the worker's heartbeats and reports) always finds room.
+
+def read_only_share(pool):
+    return max(1, pool // 2)
+
+
+class Share:
+    """How many of one kind of request hold something at once, up to a limit."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.held = 0
+
+    @contextlib.contextmanager
+    def hold(self, limit):
+        """Yield whether one more fits under `limit`; if it does, it is held until the block ends."""
+        with self.lock:
+            taken = self.held < limit
+            self.held += taken
+        try:
+            yield taken
+        finally:
+            if taken:
+                with self.lock:
+                    self.held -= 1
+
+
 # ==== Configuration ====
 
 # Keys an argument may have besides type, desc and value: for every type, then by type.
@@ -1731,20 +1761,24 @@ def answer_when_ended(req, workflow_id, read):
     """`read(conn)`, a workflow or a run: at once, or with `?wait=<seconds>` as soon as its run is in
     a final state (or there is no run), else when the wait is over, as it is then.
 
-    It sleeps on the workflow's notifications (see Changes), so a waiting client costs no CPU.
+    It sleeps on the workflow's notifications (see Changes), so a waiting client costs no CPU, but
+    it holds one of the server's slots: at most half of them wait at once, whoever asks. Past that
+    it answers at once, as the wait may end early anyway (the client asks again), and the other half
+    stays free for requests that must not wait, such as the worker's heartbeats.
     """
     wait = req.query_int("wait", 0)
     if wait > MAX_ANSWER_WAIT:
         raise ApiError(422, "wait", "must be a whole number of seconds from 0 to %d" % MAX_ANSWER_WAIT)
-    deadline = time.monotonic() + wait
-    while True:
-        generation = req.app.changes.generation
-        with req.db() as conn:
-            answer = read(conn)
-        remaining = deadline - time.monotonic()
-        if answer["status"] not in ACTIVE_RUN_STATES or remaining <= 0:
-            return answer
-        req.app.changes.wait([workflow_id], generation, remaining)
+    with req.app.long_polls.hold(req.app.config["max_connections"] // 2 if wait else 0) as waiting:
+        deadline = time.monotonic() + (wait if waiting else 0)
+        while True:
+            generation = req.app.changes.generation
+            with req.db() as conn:
+                answer = read(conn)
+            remaining = deadline - time.monotonic()
+            if answer["status"] not in ACTIVE_RUN_STATES or remaining <= 0:
+                return answer
+            req.app.changes.wait([workflow_id], generation, remaining)
 
 
 def workflow_update(req, id):
@@ -3543,8 +3577,9 @@ class EngineIOError(Exception):
 class SocketSession:
     """One Engine.IO session: the packets for its next GET and the rooms it follows."""
 
-    def __init__(self, sid, now, generation):
+    def __init__(self, sid, now, generation, read_only):
         self.sid = sid
+        self.read_only = read_only  # opened with the read-only token: see read_only_share
         self.key = ("socket.io", sid)  # its key in Changes: a POST wakes the waiting GET
         self.outbox = []  # encoded packets for the next GET
         self.rooms = {}  # workflow id -> the room state last told (see room_state)
@@ -3568,19 +3603,22 @@ class SocketIO:
         self.app = app
         self.lock = threading.Lock()  # the sessions and everything in them
         self.sessions = {}
+        self.read_only_sessions = 0
         self.ping_interval = app.config["ping_interval"]
         self.ping_timeout = self.ping_interval  # as long again to answer a ping as between pings
 
-    def open(self):
+    def open(self, read_only):
         """A new session; its handshake is the `open` packet."""
         now = time.monotonic()
         with self.lock:
             for session in [s for s in self.sessions.values() if self.expired(s, now)]:
                 self.close(session, "1")
-            if len(self.sessions) >= MAX_SOCKET_SESSIONS:
+            if len(self.sessions) >= MAX_SOCKET_SESSIONS or (
+                    read_only and self.read_only_sessions >= read_only_share(MAX_SOCKET_SESSIONS)):
                 raise ApiError(503, "sid", "too many Socket.IO sessions; try again later", {"Retry-After": "5"})
-            session = SocketSession(secrets.token_urlsafe(15), now, self.app.changes.generation)
+            session = SocketSession(secrets.token_urlsafe(15), now, self.app.changes.generation, read_only)
             self.sessions[session.sid] = session
+            self.read_only_sessions += read_only
         return "0" + json.dumps({"sid": session.sid, "upgrades": [], "pingInterval": self.ping_interval * 1000,
                                  "pingTimeout": self.ping_timeout * 1000, "maxPayload": MAX_SOCKET_PAYLOAD})
 
@@ -3603,6 +3641,7 @@ class SocketIO:
             return
         session.farewell = farewell
         del self.sessions[session.sid]
+        self.read_only_sessions -= session.read_only
         self.app.changes.notify(session.key)
         if not session.polling:
             self.app.changes.forget(session.key)
@@ -3786,7 +3825,7 @@ def engineio_answers(handler):
 def socketio_poll(req):
     """Engine.IO long-polling GET: without `sid` the handshake, else the session's next packets."""
     sid = engineio_session(req)
-    packets = [req.app.sockets.open()] if sid is None else req.app.sockets.poll(sid)
+    packets = [req.app.sockets.open(req.read_only)] if sid is None else req.app.sockets.poll(sid)
     return 200, Body.of(ENGINEIO_TEXT, ENGINEIO_SEPARATOR.join(packets).encode())
 
 
@@ -3869,9 +3908,7 @@ def web_page_line(host, port, app):
 
 def whoami(req):
     """Whether the caller holds the read-only token (the web page then leaves out what it cannot do)."""
-    # The dispatcher let the request in, so the token is one of the two.
-    _, _, token = req.headers.get("authorization", "").partition(" ")
-    return 200, {"read_only": not hmac.compare_digest(token.strip().encode(), req.app.token.encode())}
+    return 200, {"read_only": req.read_only}
 
 
 class DownloadLinks:
@@ -3880,18 +3917,21 @@ class DownloadLinks:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.tickets = collections.OrderedDict()
+        self.tickets = collections.OrderedDict()  # ticket -> (workflow id, path, format, expiry, read_only)
+        self.read_only_tickets = 0  # asked for with the read-only token: see read_only_share
 
-    def create(self, workflow_id, path, fmt):
+    def create(self, workflow_id, path, fmt, read_only):
         ticket = secrets.token_urlsafe(32)
         now = time.monotonic()
         with self.lock:
             while self.tickets and next(iter(self.tickets.values()))[3] <= now:
-                self.tickets.popitem(last=False)
-            if len(self.tickets) >= MAX_DOWNLOAD_LINKS:
+                self.read_only_tickets -= self.tickets.popitem(last=False)[1][4]
+            if len(self.tickets) >= MAX_DOWNLOAD_LINKS or (
+                    read_only and self.read_only_tickets >= read_only_share(MAX_DOWNLOAD_LINKS)):
                 raise ApiError(429, "path", "too many download links at once; use the ones you have or wait "
                                             "%d minutes" % (DOWNLOAD_LINK_SECONDS // 60), {"Retry-After": "60"})
-            self.tickets[ticket] = (workflow_id, path, fmt, now + DOWNLOAD_LINK_SECONDS)
+            self.tickets[ticket] = (workflow_id, path, fmt, now + DOWNLOAD_LINK_SECONDS, read_only)
+            self.read_only_tickets += read_only
         return ticket
 
     def find(self, ticket):
@@ -3913,7 +3953,7 @@ def workflow_download_link(req, id):
     with req.app.open_workflow_folder(id) as root:
         if path_lstat(root, names, "path") is None:
             raise ApiError(404, "path", "no such file or folder")
-    ticket = req.app.download_links.create(id, path, fmt)
+    ticket = req.app.download_links.create(id, path, fmt, req.read_only)
     return 200, {"url": "/api/download/" + ticket, "expires_in": DOWNLOAD_LINK_SECONDS}
 
 
@@ -4610,6 +4650,7 @@ class Request:
         self.body_left = None  # bytes of the body not read yet; None until the request is framed
         self.json_body = self.query_params = None
         self.prepared = False
+        self.read_only = False  # authenticated with the read-only token
 
     def parse(self, head):
         """Read a request head (without its blank line). Header names are lower-cased; a repeated
@@ -4656,6 +4697,7 @@ class Request:
             raise
         if not (getattr(self.route[0], "run_secret_auth", False) or getattr(self.route[0], "public", False)):
             self.authenticate(reads_only=getattr(self.route[0], "reads_only", False))
+            self.read_only = self.holds_read_token()
 
     def authenticate(self, reads_only=False):
         """The API token allows everything; the optional read-only token allows GET and `reads_only` POSTs."""
@@ -4669,6 +4711,24 @@ class Request:
             raise ApiError(403, "token", "this token is read-only")
         raise ApiError(401, "token", "missing or wrong API token (Authorization: Bearer <token>)",
                        {"WWW-Authenticate": 'Bearer realm="nfapi"'})
+
+    def holds_read_token(self):
+        """Whether the request came with the read-only token (once authenticate let it in)."""
+        _, _, token = self.headers.get("authorization", "").partition(" ")
+        return not hmac.compare_digest(token.strip().encode(), self.app.token.encode())
+
+    @contextlib.contextmanager
+    def slot_share(self):
+        """Hold the request's share of the server's slots while it is handled and answered: 503
+        when the read-only token's requests hold their share already (see read_only_share)."""
+        if not self.read_only:
+            yield
+            return
+        with self.app.read_only_slots.hold(read_only_share(self.app.config["max_connections"])) as held:
+            if not held:
+                raise ApiError(503, "token", "the read-only token's requests hold half of the server's slots; "
+                                             "try again in a moment", {"Retry-After": "1"})
+            yield
 
     def weblog_secret(self):
         token = self.query().get("token")
@@ -4916,8 +4976,9 @@ class Connection:
         try:
             req.prepare()
             handler, params = req.route
-            status, body = handler(req, **params)
-            self.send_answer(req, status, body)
+            with req.slot_share():
+                status, body = handler(req, **params)
+                self.send_answer(req, status, body)
         except (ClientGone,) + CLIENT_GONE:
             self.close_connection = True
         except Exception as e:
@@ -5133,6 +5194,8 @@ class App:
         self.weblog_runs = {}  # run id -> (its weblog_run row, when it was read): see known_weblog_run
         self.courier = Courier(self)
         self.refusals = Refusals()
+        self.read_only_slots = Share()  # see Request.slot_share
+        self.long_polls = Share()  # see answer_when_ended
         self.reconcile()
         threading.Thread(target=self.reap_forever, name="lease-reaper", daemon=True).start()
         self.courier.thread.start()
