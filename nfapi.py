@@ -1140,6 +1140,20 @@ def open_entry(folder, name, field):
     return entry, st
 
 
+def open_below(top, names):
+    """The file `names` below the folder path `top`, opened one name at a time without following a
+    symlink or waiting for a FIFO's writer: a Descriptor, or the OSError that os.open raises (ELOOP
+    or ENOTDIR for a link on the way). O_NOFOLLOW alone guards the last name only, and the pipeline
+    writes beside launch/<id> and runs/<id>, so it could make either folder a link."""
+    folder = Descriptor(os.open(top, FOLDER_FLAGS))
+    for name in names[:-1]:
+        parent = folder
+        with parent:
+            folder = Descriptor(os.open(name, FOLDER_FLAGS, dir_fd=parent.fd))
+    with folder:
+        return Descriptor(os.open(names[-1], ENTRY_FLAGS, dir_fd=folder.fd))
+
+
 def path_lstat(root, names, field):
     """The stat of `names` below the folder descriptor `root`, not following a symlink at the end;
     None when it, or a folder on the way, does not exist."""
@@ -2433,7 +2447,7 @@ def reconcile_tasks(req, workflow_id, run_id, claim_secret):
             return
         settled = {row[0] for row in conn.execute(
             "SELECT task_id FROM tasks WHERE run_id = ? AND %s = 3" % status_rank_sql("status"), (run_id,))}
-    rows = [row for row in read_trace(os.path.join(req.app.run_dir(run_id), TRACE_FILE))
+    rows = [row for row in read_trace(req.app, run_id)
             if row.get("task_id") not in settled]
     for start in range(0, len(rows), TRACE_BATCH):
         with req.app.db.write() as conn:
@@ -2444,13 +2458,13 @@ def reconcile_tasks(req, workflow_id, run_id, claim_secret):
         remember_failed_tasks(req.app, run)
 
 
-def read_trace(path):
-    """Yield the rows of a trace file as dicts keyed by its header's field names, raw numbers as numbers
-    and `-` as None. The pipeline writes in the run folder too: a link or a FIFO is not read, nor more
-    than MAX_TRACE_BYTES. A row whose columns do not match the header (a tab in a tag) or that nextflow
-    had not finished writing is left out."""
+def read_trace(app, run_id):
+    """Yield the rows of the run's trace file as dicts keyed by its header's field names, raw numbers
+    as numbers and `-` as None. The pipeline writes in the run folder too: a link or a FIFO is not
+    read (see open_below), nor more than MAX_TRACE_BYTES. A row whose columns do not match the header
+    (a tab in a tag) or that nextflow had not finished writing is left out."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = app.open_run_file(run_id, TRACE_FILE).detach()
     except OSError:
         return  # no trace: nextflow did not start
     header, left = None, MAX_TRACE_BYTES
@@ -2847,42 +2861,44 @@ def workflow_log(req, id):
     offset = req.query_int("offset", 0)
     with req.db() as conn:
         run = run_row(conn, id, req.query_int("run", None))
-    data, size = read_log(run_log_path(req.app, run, which), offset, log_secrets(req.app, run),
-                          run["status"] in ACTIVE_RUN_STATES)
+    data, size = read_log(req.app, run, which, offset)
     return 200, Body.of({"Content-Type": "text/plain; charset=utf-8", "X-Next-Offset": str(offset + len(data)),
                          "X-Log-Size": str(size), "X-Run-Status": run["status"], "X-Run-Id": str(run["id"])}, data)
 
 
-def run_log_path(app, run, which):
+def open_run_log(app, run, which):
+    """The run's console log or .nextflow.log (`which`), see open_below."""
     if which == "console":
-        return os.path.join(app.run_dir(run["id"]), "console.log")
+        return app.open_run_file(run["id"], "console.log")
     # The worker keeps each run's .nextflow.log in the run folder when nextflow ends; until then
     # the live one is in the launch folder.
-    kept = os.path.join(app.run_dir(run["id"]), "nextflow.log")
-    if run["status"] != "running" or os.path.exists(kept):
-        return kept
-    return os.path.join(app.launch_dir(run["workflow_id"]), ".nextflow.log")
+    try:
+        return app.open_run_file(run["id"], "nextflow.log")
+    except FileNotFoundError:
+        if run["status"] != "running":
+            raise
+    return app.open_launch_file(run["workflow_id"], ".nextflow.log")
 
 
-def read_log(path, offset, secrets, growing):
-    """(up to LOG_CHUNK_BYTES of the log from `offset` with `secrets` masked, the log's size).
+def read_log(app, run, which, offset):
+    """(up to LOG_CHUNK_BYTES of the run's log from `offset` with its secrets masked, the log's size).
 
     Nextflow and the pipeline write in the launch folder, so the log is opened without following a
     link or waiting for a FIFO's writer, and served only if it is a regular file.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        log = open_run_log(app, run, which)
     except FileNotFoundError:
         if offset:
             raise ApiError(416, "offset", "the log is empty")
         return b"", 0
     except OSError:
         raise not_a_log()
-    with Descriptor(fd):
+    with log as fd:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise not_a_log()
-        return read_masked(fd, st.st_size, offset, secrets, growing), st.st_size
+        return read_masked(fd, st.st_size, offset, log_secrets(app, run), run["status"] in ACTIVE_RUN_STATES), st.st_size
 
 
 def read_masked(fd, size, offset, secrets, growing):
@@ -3503,12 +3519,11 @@ def workflow_run_trace(req, id, run_id):
 def run_file(req, workflow_id, run_id, name, headers):
     """A file Nextflow writes in the run folder, streamed with the run's secret and the tokens masked
     (the report shows nextflow's command line, weblog URL included). Opened without following a link
-    or waiting for a FIFO's writer; 404 until it exists."""
+    or waiting for a FIFO's writer (see open_below); 404 until it exists."""
     with req.db() as conn:
         run = run_row(conn, workflow_id, run_id)
     try:
-        entry = Descriptor(os.open(os.path.join(req.app.run_dir(run_id), name),
-                                   os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC))
+        entry = req.app.open_run_file(run_id, name)
     except FileNotFoundError:
         raise ApiError(404, "run", "this run has no %s (yet): Nextflow writes it into the run folder" % name)
     except OSError:
@@ -5208,6 +5223,14 @@ class App:
 
     def run_dir(self, run_id):
         return os.path.join(self.data_dir, "runs", str(run_id))
+
+    def open_run_file(self, run_id, name):
+        """<data>/runs/<run_id>/<name>, see open_below."""
+        return open_below(self.data_dir, ["runs", str(run_id), name])
+
+    def open_launch_file(self, workflow_id, name):
+        """<data>/launch/<workflow_id>/<name>, see open_below."""
+        return open_below(self.data_dir, ["launch", str(workflow_id), name])
 
     def reap_lost_runs(self):
         """Runs whose worker stopped sending heartbeats are `lost`, with the reason recorded.
