@@ -114,7 +114,7 @@ MAX_CLAIM_WAIT = 30
 MAX_WEBLOG_BYTES = 256 * 1024
 MAX_WEBLOG_TEXT = 4096  # characters kept of a text a weblog post reports (a task's name, an errorMessage...)
 MAX_TASK_ID = 2 ** 31 - 1  # Nextflow's TaskId is an int
-TASKS_PAGE, MAX_TASKS_PAGE = 1000, 10000
+TASKS_PAGE, MAX_TASKS_PAGE = 1000, 10000  # rows of a run's tasks or processes in one answer (page_bounds)
 WEBLOG_CACHE_RUNS, WEBLOG_CACHE_SECONDS = 10000, 1.0  # see known_weblog_run
 # The only session id nfapi ever puts after -resume: the canonical form of a Java UUID.
 SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -2830,15 +2830,22 @@ def workflow_run_tasks(req, id, run_id):
         status = status.upper()  # tasks are FAILED, runs are failed: a script should not have to care
     if status is not None and status not in TASK_STATUS_RANK:
         raise ApiError(422, "status", "must be one of %s" % ", ".join(TASK_STATUS_RANK))
-    offset, limit = req.query_int("offset", 0), req.query_int("limit", TASKS_PAGE)
-    if not 1 <= limit <= MAX_TASKS_PAGE:
-        raise ApiError(422, "limit", "must be from 1 to %d" % MAX_TASKS_PAGE)
+    offset, limit = page_bounds(req)
     with req.db() as conn:
         run_row(conn, id, run_id)
         rows = conn.execute("SELECT * FROM tasks WHERE run_id = ? AND (? IS NULL OR status = ?) "
                             "ORDER BY task_id LIMIT ? OFFSET ?", (run_id, status, status, limit + 1, offset)).fetchall()
     return 200, {"tasks": [task_json(row) for row in rows[:limit]],
                  "next_offset": offset + limit if len(rows) > limit else None}
+
+
+def page_bounds(req):
+    """(`offset`, `limit`) of a page of a run's tasks or processes: a forged weblog post adds rows,
+    and no answer may grow with them."""
+    offset, limit = req.query_int("offset", 0), req.query_int("limit", TASKS_PAGE)
+    if not 1 <= limit <= MAX_TASKS_PAGE:
+        raise ApiError(422, "limit", "must be from 1 to %d" % MAX_TASKS_PAGE)
+    return offset, limit
 
 
 def task_json(row):
@@ -3382,11 +3389,16 @@ def workflow_run_task(req, id, run_id, task_id):
 
 def workflow_run_processes(req, id, run_id):
     """One row per process, in the order Nextflow first reported it: its tasks by status (`submitted`
-    counts them all), and the min, median and max `realtime` (ms) and `peak_rss` (bytes) of its tasks."""
+    counts them all), and the min, median and max `realtime` (ms) and `peak_rss` (bytes) of its tasks.
+    A page at a time (`limit`, 1000 by default); `next_offset` is the `offset` of the next page, null
+    after the last."""
+    offset, limit = page_bounds(req)
     with req.db() as conn:
         run_row(conn, id, run_id)
-        rows = conn.execute("SELECT * FROM processes WHERE run_id = ? ORDER BY rowid", (run_id,)).fetchall()
-        return 200, {"processes": [process_json(conn, row) for row in rows]}
+        rows = conn.execute("SELECT * FROM processes WHERE run_id = ? ORDER BY rowid LIMIT ? OFFSET ?",
+                            (run_id, limit + 1, offset)).fetchall()
+        return 200, {"processes": [process_json(conn, row) for row in rows[:limit]],
+                     "next_offset": offset + limit if len(rows) > limit else None}
 
 
 def process_json(conn, row):
@@ -4194,7 +4206,8 @@ DOCS = {
     pipeline_arguments: ([], None, obj(["arguments"], arguments={"type": "object", "additionalProperties": ref("Argument")})),
     workflow_run_task: ([], None, obj(["task"], task=ref("Task"))),
     workflow_run_task_file: (["offset"], None, TEXT),
-    workflow_run_processes: ([], None, obj(["processes"], processes=array(ref("Process")))),
+    workflow_run_processes: (["offset", "limit"], None, obj(["processes", "next_offset"], processes=array(ref("Process")),
+                                                             next_offset=nullable(INT))),
     workflow_run_report: ([], None, HTML),
     workflow_run_timeline: ([], None, HTML),
     workflow_run_trace: ([], None, TEXT),

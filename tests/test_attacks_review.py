@@ -474,6 +474,8 @@ def test_hole_a_weblog_secret_grows_the_unpaged_processes_view_without_bound(tmp
         count, paged = len(resp.json()["processes"]), "next_offset" in resp.json()
         bounded = count <= 1000 or paged
         assert bounded, "one answer of %d processes, %d bytes" % (count, len(resp.body))
+        rest = api.get("/api/workflows/%d/runs/%d/processes?offset=%d" % (wid, run_id, resp.json()["next_offset"]))
+        assert len(rest.json()["processes"]) == 500 and rest.json()["next_offset"] is None
     finally:
         server.stop()
 
