@@ -119,7 +119,7 @@ MAX_CLAIM_WAIT = 30
 MAX_WEBLOG_BYTES = 256 * 1024
 MAX_WEBLOG_TEXT = 4096  # characters kept of a text a weblog post reports (a task's name, an errorMessage...)
 MAX_TASK_ID = 2 ** 31 - 1  # Nextflow's TaskId is an int
-TASKS_PAGE, MAX_TASKS_PAGE = 1000, 10000
+TASKS_PAGE, MAX_TASKS_PAGE = 1000, 10000  # rows of a run's tasks or processes in one answer (page_bounds)
 WEBLOG_CACHE_RUNS, WEBLOG_CACHE_SECONDS = 10000, 1.0  # see known_weblog_run
 # The only session id nfapi ever puts after -resume: the canonical form of a Java UUID.
 SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -180,6 +180,36 @@ class ConfigError(Exception):
 
     def __init__(self, where, message):
         super().__init__("%s: %s" % (".".join(where) or "(top level)", message))
+
+
+# ==== Shares of what everyone shares ====
+# The read-only token is for people trusted less than the owner. Of each pool that every client
+# draws from (request slots, Socket.IO sessions, download links), its requests may hold at most
+# half, so that the API token (the owner, and the worker's heartbeats and reports) always finds room.
+
+def read_only_share(pool):
+    return max(1, pool // 2)
+
+
+class Share:
+    """How many of one kind of request hold something at once, up to a limit."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.held = 0
+
+    @contextlib.contextmanager
+    def hold(self, limit):
+        """Yield whether one more fits under `limit`; if it does, it is held until the block ends."""
+        with self.lock:
+            taken = self.held < limit
+            self.held += taken
+        try:
+            yield taken
+        finally:
+            if taken:
+                with self.lock:
+                    self.held -= 1
 
 
 # ==== Configuration ====
@@ -1124,6 +1154,20 @@ def open_entry(folder, name, field):
     return entry, st
 
 
+def open_below(top, names):
+    """The file `names` below the folder path `top`, opened one name at a time without following a
+    symlink or waiting for a FIFO's writer: a Descriptor, or the OSError that os.open raises (ELOOP
+    or ENOTDIR for a link on the way). O_NOFOLLOW alone guards the last name only, and the pipeline
+    writes beside launch/<id> and runs/<id>, so it could make either folder a link."""
+    folder = Descriptor(os.open(top, FOLDER_FLAGS))
+    for name in names[:-1]:
+        parent = folder
+        with parent:
+            folder = Descriptor(os.open(name, FOLDER_FLAGS, dir_fd=parent.fd))
+    with folder:
+        return Descriptor(os.open(names[-1], ENTRY_FLAGS, dir_fd=folder.fd))
+
+
 def path_lstat(root, names, field):
     """The stat of `names` below the folder descriptor `root`, not following a symlink at the end;
     None when it, or a folder on the way, does not exist."""
@@ -1745,20 +1789,24 @@ def answer_when_ended(req, workflow_id, read):
     """`read(conn)`, a workflow or a run: at once, or with `?wait=<seconds>` as soon as its run is in
     a final state (or there is no run), else when the wait is over, as it is then.
 
-    It sleeps on the workflow's notifications (see Changes), so a waiting client costs no CPU.
+    It sleeps on the workflow's notifications (see Changes), so a waiting client costs no CPU, but
+    it holds one of the server's slots: at most half of them wait at once, whoever asks. Past that
+    it answers at once, as the wait may end early anyway (the client asks again), and the other half
+    stays free for requests that must not wait, such as the worker's heartbeats.
     """
     wait = req.query_int("wait", 0)
     if wait > MAX_ANSWER_WAIT:
         raise ApiError(422, "wait", "must be a whole number of seconds from 0 to %d" % MAX_ANSWER_WAIT)
-    deadline = time.monotonic() + wait
-    while True:
-        generation = req.app.changes.generation
-        with req.db() as conn:
-            answer = read(conn)
-        remaining = deadline - time.monotonic()
-        if answer["status"] not in ACTIVE_RUN_STATES or remaining <= 0:
-            return answer
-        req.app.changes.wait([workflow_id], generation, remaining)
+    with req.app.long_polls.hold(req.app.config["max_connections"] // 2 if wait else 0) as waiting:
+        deadline = time.monotonic() + (wait if waiting else 0)
+        while True:
+            generation = req.app.changes.generation
+            with req.db() as conn:
+                answer = read(conn)
+            remaining = deadline - time.monotonic()
+            if answer["status"] not in ACTIVE_RUN_STATES or remaining <= 0:
+                return answer
+            req.app.changes.wait([workflow_id], generation, remaining)
 
 
 def workflow_update(req, id):
@@ -2415,7 +2463,7 @@ def reconcile_tasks(req, workflow_id, run_id, claim_secret):
             return
         settled = {row[0] for row in conn.execute(
             "SELECT task_id FROM tasks WHERE run_id = ? AND %s = 3" % status_rank_sql("status"), (run_id,))}
-    rows = [row for row in read_trace(os.path.join(req.app.run_dir(run_id), TRACE_FILE))
+    rows = [row for row in read_trace(req.app, run_id)
             if row.get("task_id") not in settled]
     for start in range(0, len(rows), TRACE_BATCH):
         with req.app.db.write() as conn:
@@ -2426,13 +2474,13 @@ def reconcile_tasks(req, workflow_id, run_id, claim_secret):
         remember_failed_tasks(req.app, run)
 
 
-def read_trace(path):
-    """Yield the rows of a trace file as dicts keyed by its header's field names, raw numbers as numbers
-    and `-` as None. The pipeline writes in the run folder too: a link or a FIFO is not read, nor more
-    than MAX_TRACE_BYTES. A row whose columns do not match the header (a tab in a tag) or that nextflow
-    had not finished writing is left out."""
+def read_trace(app, run_id):
+    """Yield the rows of the run's trace file as dicts keyed by its header's field names, raw numbers
+    as numbers and `-` as None. The pipeline writes in the run folder too: a link or a FIFO is not
+    read (see open_below), nor more than MAX_TRACE_BYTES. A row whose columns do not match the header
+    (a tab in a tag) or that nextflow had not finished writing is left out."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = app.open_run_file(run_id, TRACE_FILE).detach()
     except OSError:
         return  # no trace: nextflow did not start
     header, left = None, MAX_TRACE_BYTES
@@ -2802,15 +2850,22 @@ def workflow_run_tasks(req, id, run_id):
         status = status.upper()  # tasks are FAILED, runs are failed: a script should not have to care
     if status is not None and status not in TASK_STATUS_RANK:
         raise ApiError(422, "status", "must be one of %s" % ", ".join(TASK_STATUS_RANK))
-    offset, limit = req.query_int("offset", 0), req.query_int("limit", TASKS_PAGE)
-    if not 1 <= limit <= MAX_TASKS_PAGE:
-        raise ApiError(422, "limit", "must be from 1 to %d" % MAX_TASKS_PAGE)
+    offset, limit = page_bounds(req)
     with req.db() as conn:
         run_row(conn, id, run_id)
         rows = conn.execute("SELECT * FROM tasks WHERE run_id = ? AND (? IS NULL OR status = ?) "
                             "ORDER BY task_id LIMIT ? OFFSET ?", (run_id, status, status, limit + 1, offset)).fetchall()
     return 200, {"tasks": [task_json(row) for row in rows[:limit]],
                  "next_offset": offset + limit if len(rows) > limit else None}
+
+
+def page_bounds(req):
+    """(`offset`, `limit`) of a page of a run's tasks or processes: a forged weblog post adds rows,
+    and no answer may grow with them."""
+    offset, limit = req.query_int("offset", 0), req.query_int("limit", TASKS_PAGE)
+    if not 1 <= limit <= MAX_TASKS_PAGE:
+        raise ApiError(422, "limit", "must be from 1 to %d" % MAX_TASKS_PAGE)
+    return offset, limit
 
 
 def task_json(row):
@@ -2833,42 +2888,44 @@ def workflow_log(req, id):
     offset = req.query_int("offset", 0)
     with req.db() as conn:
         run = run_row(conn, id, req.query_int("run", None))
-    data, size = read_log(run_log_path(req.app, run, which), offset, log_secrets(req.app, run),
-                          run["status"] in ACTIVE_RUN_STATES)
+    data, size = read_log(req.app, run, which, offset)
     return 200, Body.of({"Content-Type": "text/plain; charset=utf-8", "X-Next-Offset": str(offset + len(data)),
                          "X-Log-Size": str(size), "X-Run-Status": run["status"], "X-Run-Id": str(run["id"])}, data)
 
 
-def run_log_path(app, run, which):
+def open_run_log(app, run, which):
+    """The run's console log or .nextflow.log (`which`), see open_below."""
     if which == "console":
-        return os.path.join(app.run_dir(run["id"]), "console.log")
+        return app.open_run_file(run["id"], "console.log")
     # The worker keeps each run's .nextflow.log in the run folder when nextflow ends; until then
     # the live one is in the launch folder.
-    kept = os.path.join(app.run_dir(run["id"]), "nextflow.log")
-    if run["status"] != "running" or os.path.exists(kept):
-        return kept
-    return os.path.join(app.launch_dir(run["workflow_id"]), ".nextflow.log")
+    try:
+        return app.open_run_file(run["id"], "nextflow.log")
+    except FileNotFoundError:
+        if run["status"] != "running":
+            raise
+    return app.open_launch_file(run["workflow_id"], ".nextflow.log")
 
 
-def read_log(path, offset, secrets, growing):
-    """(up to LOG_CHUNK_BYTES of the log from `offset` with `secrets` masked, the log's size).
+def read_log(app, run, which, offset):
+    """(up to LOG_CHUNK_BYTES of the run's log from `offset` with its secrets masked, the log's size).
 
     Nextflow and the pipeline write in the launch folder, so the log is opened without following a
     link or waiting for a FIFO's writer, and served only if it is a regular file.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        log = open_run_log(app, run, which)
     except FileNotFoundError:
         if offset:
             raise ApiError(416, "offset", "the log is empty")
         return b"", 0
     except OSError:
         raise not_a_log()
-    with Descriptor(fd):
+    with log as fd:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise not_a_log()
-        return read_masked(fd, st.st_size, offset, secrets, growing), st.st_size
+        return read_masked(fd, st.st_size, offset, log_secrets(app, run), run["status"] in ACTIVE_RUN_STATES), st.st_size
 
 
 def read_masked(fd, size, offset, secrets, growing):
@@ -3354,11 +3411,16 @@ def workflow_run_task(req, id, run_id, task_id):
 
 def workflow_run_processes(req, id, run_id):
     """One row per process, in the order Nextflow first reported it: its tasks by status (`submitted`
-    counts them all), and the min, median and max `realtime` (ms) and `peak_rss` (bytes) of its tasks."""
+    counts them all), and the min, median and max `realtime` (ms) and `peak_rss` (bytes) of its tasks.
+    A page at a time (`limit`, 1000 by default); `next_offset` is the `offset` of the next page, null
+    after the last."""
+    offset, limit = page_bounds(req)
     with req.db() as conn:
         run_row(conn, id, run_id)
-        rows = conn.execute("SELECT * FROM processes WHERE run_id = ? ORDER BY rowid", (run_id,)).fetchall()
-        return 200, {"processes": [process_json(conn, row) for row in rows]}
+        rows = conn.execute("SELECT * FROM processes WHERE run_id = ? ORDER BY rowid LIMIT ? OFFSET ?",
+                            (run_id, limit + 1, offset)).fetchall()
+        return 200, {"processes": [process_json(conn, row) for row in rows[:limit]],
+                     "next_offset": offset + limit if len(rows) > limit else None}
 
 
 def process_json(conn, row):
@@ -3491,12 +3553,11 @@ def workflow_run_trace(req, id, run_id):
 def run_file(req, workflow_id, run_id, name, headers):
     """A file Nextflow writes in the run folder, streamed with the run's secret and the tokens masked
     (the report shows nextflow's command line, weblog URL included). Opened without following a link
-    or waiting for a FIFO's writer; 404 until it exists."""
+    or waiting for a FIFO's writer (see open_below); 404 until it exists."""
     with req.db() as conn:
         run = run_row(conn, workflow_id, run_id)
     try:
-        entry = Descriptor(os.open(os.path.join(req.app.run_dir(run_id), name),
-                                   os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC))
+        entry = req.app.open_run_file(run_id, name)
     except FileNotFoundError:
         raise ApiError(404, "run", "this run has no %s (yet): Nextflow writes it into the run folder" % name)
     except OSError:
@@ -3565,8 +3626,9 @@ class EngineIOError(Exception):
 class SocketSession:
     """One Engine.IO session: the packets for its next GET and the rooms it follows."""
 
-    def __init__(self, sid, now, generation):
+    def __init__(self, sid, now, generation, read_only):
         self.sid = sid
+        self.read_only = read_only  # opened with the read-only token: see read_only_share
         self.key = ("socket.io", sid)  # its key in Changes: a POST wakes the waiting GET
         self.outbox = []  # encoded packets for the next GET
         self.rooms = {}  # workflow id -> the room state last told (see room_state)
@@ -3590,19 +3652,22 @@ class SocketIO:
         self.app = app
         self.lock = threading.Lock()  # the sessions and everything in them
         self.sessions = {}
+        self.read_only_sessions = 0
         self.ping_interval = app.config["ping_interval"]
         self.ping_timeout = self.ping_interval  # as long again to answer a ping as between pings
 
-    def open(self):
+    def open(self, read_only):
         """A new session; its handshake is the `open` packet."""
         now = time.monotonic()
         with self.lock:
             for session in [s for s in self.sessions.values() if self.expired(s, now)]:
                 self.close(session, "1")
-            if len(self.sessions) >= MAX_SOCKET_SESSIONS:
+            if len(self.sessions) >= MAX_SOCKET_SESSIONS or (
+                    read_only and self.read_only_sessions >= read_only_share(MAX_SOCKET_SESSIONS)):
                 raise ApiError(503, "sid", "too many Socket.IO sessions; try again later", {"Retry-After": "5"})
-            session = SocketSession(secrets.token_urlsafe(15), now, self.app.changes.generation)
+            session = SocketSession(secrets.token_urlsafe(15), now, self.app.changes.generation, read_only)
             self.sessions[session.sid] = session
+            self.read_only_sessions += read_only
         return "0" + json.dumps({"sid": session.sid, "upgrades": [], "pingInterval": self.ping_interval * 1000,
                                  "pingTimeout": self.ping_timeout * 1000, "maxPayload": MAX_SOCKET_PAYLOAD})
 
@@ -3625,6 +3690,7 @@ class SocketIO:
             return
         session.farewell = farewell
         del self.sessions[session.sid]
+        self.read_only_sessions -= session.read_only
         self.app.changes.notify(session.key)
         if not session.polling:
             self.app.changes.forget(session.key)
@@ -3808,7 +3874,7 @@ def engineio_answers(handler):
 def socketio_poll(req):
     """Engine.IO long-polling GET: without `sid` the handshake, else the session's next packets."""
     sid = engineio_session(req)
-    packets = [req.app.sockets.open()] if sid is None else req.app.sockets.poll(sid)
+    packets = [req.app.sockets.open(req.read_only)] if sid is None else req.app.sockets.poll(sid)
     return 200, Body.of(ENGINEIO_TEXT, ENGINEIO_SEPARATOR.join(packets).encode())
 
 
@@ -3900,18 +3966,21 @@ class DownloadLinks:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.tickets = collections.OrderedDict()
+        self.tickets = collections.OrderedDict()  # ticket -> (workflow id, path, format, expiry, read_only)
+        self.read_only_tickets = 0  # asked for with the read-only token: see read_only_share
 
-    def create(self, workflow_id, path, fmt):
+    def create(self, workflow_id, path, fmt, read_only):
         ticket = secrets.token_urlsafe(32)
         now = time.monotonic()
         with self.lock:
             while self.tickets and next(iter(self.tickets.values()))[3] <= now:
-                self.tickets.popitem(last=False)
-            if len(self.tickets) >= MAX_DOWNLOAD_LINKS:
+                self.read_only_tickets -= self.tickets.popitem(last=False)[1][4]
+            if len(self.tickets) >= MAX_DOWNLOAD_LINKS or (
+                    read_only and self.read_only_tickets >= read_only_share(MAX_DOWNLOAD_LINKS)):
                 raise ApiError(429, "path", "too many download links at once; use the ones you have or wait "
                                             "%d minutes" % (DOWNLOAD_LINK_SECONDS // 60), {"Retry-After": "60"})
-            self.tickets[ticket] = (workflow_id, path, fmt, now + DOWNLOAD_LINK_SECONDS)
+            self.tickets[ticket] = (workflow_id, path, fmt, now + DOWNLOAD_LINK_SECONDS, read_only)
+            self.read_only_tickets += read_only
         return ticket
 
     def find(self, ticket):
@@ -3933,7 +4002,7 @@ def workflow_download_link(req, id):
     with req.app.open_workflow_folder(id) as root:
         if path_lstat(root, names, "path") is None:
             raise ApiError(404, "path", "no such file or folder")
-    ticket = req.app.download_links.create(id, path, fmt)
+    ticket = req.app.download_links.create(id, path, fmt, req.read_only)
     return 200, {"url": "/api/download/" + ticket, "expires_in": DOWNLOAD_LINK_SECONDS}
 
 
@@ -4159,7 +4228,8 @@ DOCS = {
     pipeline_arguments: ([], None, obj(["arguments"], arguments={"type": "object", "additionalProperties": ref("Argument")})),
     workflow_run_task: ([], None, obj(["task"], task=ref("Task"))),
     workflow_run_task_file: (["offset"], None, TEXT),
-    workflow_run_processes: ([], None, obj(["processes"], processes=array(ref("Process")))),
+    workflow_run_processes: (["offset", "limit"], None, obj(["processes", "next_offset"], processes=array(ref("Process")),
+                                                             next_offset=nullable(INT))),
     workflow_run_report: ([], None, HTML),
     workflow_run_timeline: ([], None, HTML),
     workflow_run_trace: ([], None, TEXT),
@@ -4875,6 +4945,19 @@ class Request:
         return hmac_hex(self.app.token, "answer\n%s\n%d\n%s" % (self.worker_nonce, status,
                                                                    hashlib.sha256(data).hexdigest()))
 
+    @contextlib.contextmanager
+    def slot_share(self):
+        """Hold the request's share of the server's slots while it is handled and answered: 503
+        when the read-only token's requests hold their share already (see read_only_share)."""
+        if not self.read_only:
+            yield
+            return
+        with self.app.read_only_slots.hold(read_only_share(self.app.config["max_connections"])) as held:
+            if not held:
+                raise ApiError(503, "token", "the read-only token's requests hold half of the server's slots; "
+                                             "try again in a moment", {"Retry-After": "1"})
+            yield
+
     def weblog_secret(self):
         token = self.query().get("token")
         scheme, _, credentials = self.headers.get("authorization", "").partition(" ")
@@ -5126,8 +5209,9 @@ class Connection:
         try:
             req.prepare()
             handler, params = req.route
-            status, body = handler(req, **params)
-            self.send_answer(req, status, body)
+            with req.slot_share():
+                status, body = handler(req, **params)
+                self.send_answer(req, status, body)
         except (ClientGone,) + CLIENT_GONE:
             self.close_connection = True
         except Exception as e:
@@ -5347,6 +5431,8 @@ class App:
         self.courier = Courier(self)
         self.refusals = Refusals()
         self.worker_nonces = SeenNonces()
+        self.read_only_slots = Share()  # see Request.slot_share
+        self.long_polls = Share()  # see answer_when_ended
         self.reconcile()
         threading.Thread(target=self.reap_forever, name="lease-reaper", daemon=True).start()
         self.courier.thread.start()
@@ -5359,6 +5445,14 @@ class App:
 
     def run_dir(self, run_id):
         return os.path.join(self.data_dir, "runs", str(run_id))
+
+    def open_run_file(self, run_id, name):
+        """<data>/runs/<run_id>/<name>, see open_below."""
+        return open_below(self.data_dir, ["runs", str(run_id), name])
+
+    def open_launch_file(self, workflow_id, name):
+        """<data>/launch/<workflow_id>/<name>, see open_below."""
+        return open_below(self.data_dir, ["launch", str(workflow_id), name])
 
     def reap_lost_runs(self):
         """Runs whose worker stopped sending heartbeats are `lost`, with the reason recorded.

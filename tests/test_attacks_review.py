@@ -286,7 +286,7 @@ def test_hole_the_read_only_token_takes_every_socketio_session(shared):
     the web UI's own handshake, with the full token, is 503 for as long as the reader likes."""
     reader, owner = reader_of(shared), shared.client()
     statuses = [reader.get(SOCKET_IO).status for _ in range(1000)]
-    assert statuses.count(200) == 1000
+    assert statuses == [200] * 500 + [503] * 500  # the read-only token's share: half
     resp = owner.get(SOCKET_IO)
     assert resp.status == 200, "the owner's Socket.IO handshake: %r" % resp
 
@@ -336,7 +336,7 @@ def test_hole_the_read_only_token_uses_up_every_download_link(shared):
     wid = owner.create("shared")
     assert owner.upload(wid, "a.txt", b"a").status == 200
     statuses = pipelined(shared.port, READER, [link_request(wid, READER)] * 10000)
-    assert statuses.count(200) == 10000, set(statuses)
+    assert statuses == [200] * 5000 + [429] * 5000, set(statuses)  # the read-only token's share: half
     resp = owner.post("/api/workflows/%d/download-link" % wid, {"path": "a.txt"})
     assert resp.status == 200, "the owner's download link: %r" % resp
 
@@ -364,6 +364,29 @@ def test_hole_waiting_reads_hold_every_request_slot(shared):
         beat = shared.client().post("/api/worker/heartbeat", {"runs": []})
         assert (resp.status, beat.status) == (200, 200) and time.monotonic() - started < 1, (
             "with 24 waiting reads: the owner's GET answered %d, a worker's heartbeat %d" % (resp.status, beat.status))
+    finally:
+        for sock in waiting:
+            sock.close()
+
+
+@pytest.mark.stand(max_connections=8)
+def test_waiting_reads_hold_at_most_half_the_slots_whoever_sends_them(shared):
+    """With the API token too: past max_connections / 2 waiting reads, a `?wait=` answers at once
+    with the current state, and the other half stays for requests that must not wait."""
+    owner = shared.client()
+    wid = ready_workflow(owner)
+    assert owner.post("/api/workflows/%d/schedule" % wid).status == 200  # queued: a wait waits
+    owner.conn.close()
+    time.sleep(0.3)
+    head = (b"GET /api/workflows/%d?wait=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n"
+            % (wid, shared.token.encode()))
+    waiting = [raw_request(shared.port, head) for _ in range(4)]
+    try:
+        time.sleep(0.5)  # let them be taken up
+        fifth = raw_request(shared.port, head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        answer = read_answer(fifth, timeout=5)
+        fifth.close()
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"status": "queued"' in answer, answer[:300]
     finally:
         for sock in waiting:
             sock.close()
@@ -458,6 +481,8 @@ def test_hole_a_weblog_secret_grows_the_unpaged_processes_view_without_bound(tmp
         count, paged = len(resp.json()["processes"]), "next_offset" in resp.json()
         bounded = count <= 1000 or paged
         assert bounded, "one answer of %d processes, %d bytes" % (count, len(resp.body))
+        rest = api.get("/api/workflows/%d/runs/%d/processes?offset=%d" % (wid, run_id, resp.json()["next_offset"]))
+        assert len(rest.json()["processes"]) == 500 and rest.json()["next_offset"] is None
     finally:
         server.stop()
 

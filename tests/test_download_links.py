@@ -128,18 +128,23 @@ def test_links_expire_and_their_number_is_bounded(monkeypatch):
     monkeypatch.setattr(nfapi, "DOWNLOAD_LINK_SECONDS", 0.2)
     monkeypatch.setattr(nfapi, "MAX_DOWNLOAD_LINKS", 3)
     links = nfapi.DownloadLinks()
-    tickets = [links.create(1, "a.txt", "zip") for _ in range(3)]
+    tickets = [links.create(1, "a.txt", "zip", False) for _ in range(3)]
     assert links.find(tickets[0]) == (1, "a.txt", "zip")
     with pytest.raises(nfapi.ApiError) as refused:
-        links.create(1, "a.txt", "zip")
+        links.create(1, "a.txt", "zip", False)
     assert refused.value.status == 429 and refused.value.headers["Retry-After"]
     time.sleep(0.25)  # the lifetime itself is what is tested
     for ticket in tickets:
         with pytest.raises(nfapi.ApiError) as gone:
             links.find(ticket)
         assert gone.value.status == 404
-    fresh = links.create(1, "b.txt", "tar.gz")  # the expired ones made room
+    fresh = links.create(1, "b.txt", "tar.gz", False)  # the expired ones made room
     assert list(links.tickets) == [fresh]
+    links.create(1, "b.txt", "zip", True)  # the read-only token's share of 3: 1
+    with pytest.raises(nfapi.ApiError) as refused:
+        links.create(1, "b.txt", "zip", True)
+    assert refused.value.status == 429
+    links.create(1, "b.txt", "zip", False)  # the rest stays for the API token
 
 
 def test_tickets_never_reach_the_log(tmp_path):
