@@ -4,7 +4,6 @@ skipped with a loud warning, except in CI (the CI variable is set), where they f
 
 import base64
 import hashlib
-import io
 import json
 import os
 import pty
@@ -332,12 +331,22 @@ def schedule_and_watch(ui, wid):
     tab, expect = ui.tab, ui.expect
     ui.sign_in(at="#/w/%d" % wid)
     tab.evaluate("window.stillTheSamePage = true")
-    tab.get_by_role("button", name="Schedule").click()
+    tab.evaluate(RECORD_BARS)
+    tab.get_by_role("button", name="Schedule").click()  # enabled once the form shows the stored values
     return tab, expect
 
 
+# Every value each progress bar shows, by the bar's name: what a person saw while looking.
+RECORD_BARS = """window.barValues = {};
+new MutationObserver(records => records.forEach(({target}) => {
+    const name = target.getAttribute("aria-label");
+    (window.barValues[name] = window.barValues[name] || []).push(Number(target.getAttribute("aria-valuenow")));
+})).observe(document.body, {subtree: true, attributes: true, attributeFilter: ["aria-valuenow"]})"""
+
+
 def test_a_run_is_watched_live_to_its_end_and_its_files_download(stand, page):
-    stand.worker(env={"FAKE_NF_TASKS": "2", "FAKE_NF_TASK_SECONDS": "0.5"})
+    # Each stage runs 1.5 s: longer than the page's refresh while a run is active, so the page shows it.
+    stand.worker(env={"FAKE_NF_TASKS": "2", "FAKE_NF_TASK_SECONDS": "1.5"})
     api = stand.client()
     wid = ready_workflow(api, name="live")
     ui = page(stand)
@@ -347,13 +356,33 @@ def test_a_run_is_watched_live_to_its_end_and_its_files_download(stand, page):
     expect(run.locator(".meta .badge")).to_have_text("succeeded", timeout=30000)
     expect(bar).to_have_attribute("aria-valuenow", "100")
     expect(bar).to_have_attribute("aria-valuetext", "4 of 4 tasks")
+    for process in ("COUNT_LINES", "SUMMARY"):
+        process_bar = tab.get_by_role("progressbar", name="Progress of process " + process)
+        expect(process_bar).to_have_attribute("aria-valuenow", "100")
+        expect(process_bar).to_have_attribute("aria-valuetext", "2 of 2 tasks")
+    seen = tab.evaluate("window.barValues")
+    assert min(seen["Progress of the run"]) < 100
+    assert min(seen["Progress of process COUNT_LINES"] + seen["Progress of process SUMMARY"]) < 100, seen
+    assert tab.evaluate("window.stillTheSamePage") is True  # no reload
+    # The end came through the long poll, not through polling faster.
+    assert any(url.endswith("/api/workflows/%d?wait=25" % wid) for url in ui.requests)
     expect(tab.get_by_role("log", name="Console log")).to_contain_text("Submitted process > SUMMARY")
     expect(run.locator("tbody tr")).to_have_count(4)
-    assert tab.evaluate("window.stillTheSamePage") is True  # no reload
+    # The stand-in's task n of a process used %cpu 90+n and peak_rss n*10 MiB, realtime 1.5 s.
+    for column in ("realtime", "%cpu", "peak_rss"):
+        expect(run.get_by_role("columnheader", name=column, exact=True)).to_be_visible()
+    expect(run.get_by_role("cell", name="92.0 %", exact=True)).to_have_count(2)
+    expect(run.get_by_role("cell", name="20.0 MB", exact=True)).to_have_count(2)
+    expect(run.get_by_role("cell", name=re.compile(r"^\d+\.\d s$")).first).to_be_visible()
     assert nameless_controls(tab) == []
     expect(tab.get_by_role("button", name="Resume")).to_be_enabled()
     expect(tab.get_by_role("button", name="Cancel run")).to_be_disabled()
 
+    with tab.expect_download() as info:
+        tab.get_by_role("button", name="Save the report of run 1").click()
+    assert info.value.suggested_filename == "report-run-1.html"
+    with open(info.value.path()) as f:
+        assert "Execution report of" in f.read()
     with tab.expect_download() as info:
         tab.get_by_role("button", name="Download ref.fa").click()
     with open(info.value.path(), "rb") as f:
@@ -365,7 +394,7 @@ def test_a_run_is_watched_live_to_its_end_and_its_files_download(stand, page):
         assert archive.namelist() == ["reads/", "reads/s0.fastq", "reads/s1.fastq"]
 
 
-def test_a_failing_run_shows_its_failed_task(stand, page):
+def test_a_failing_run_shows_its_failed_task_and_its_files(stand, page):
     stand.worker(env={"FAKE_NF_FAIL": "COUNT_LINES"})
     wid = ready_workflow(stand.client(), name="failing")
     ui = page(stand)
@@ -373,16 +402,63 @@ def test_a_failing_run_shows_its_failed_task(stand, page):
     run = tab.get_by_role("region", name=re.compile("^Run 1"))
     expect(run.locator(".meta .badge")).to_have_text("failed", timeout=30000)
     expect(tab.get_by_label("Error message")).to_contain_text("COUNT_LINES")
-    failed = tab.get_by_role("heading", name="Failed tasks")
-    expect(failed).to_be_visible()
+    expect(tab.get_by_role("heading", name="Failed tasks")).to_be_visible()
     expect(run.get_by_text("COUNT_LINES (1) exited with 1")).to_be_visible()
+    # The tail of .command.err comes with the run: the stand-in's failing task wrote two lines.
+    tail = tab.get_by_label("Last lines of .command.err of COUNT_LINES (1)")
+    expect(tail).to_have_text("fake task COUNT_LINES (1): starting\nERROR: fake failure (FAKE_NF_FAIL)")
+    tab.get_by_role("button", name="Show .command.err of COUNT_LINES (1)").click()
+    shown = tab.get_by_label(".command.err of COUNT_LINES (1)", exact=True)
+    expect(shown).to_have_text("fake task COUNT_LINES (1): starting\nERROR: fake failure (FAKE_NF_FAIL)\n")
+    expect(shown).to_be_focused()
+    tab.get_by_role("button", name="Show .command.sh of COUNT_LINES (1)").click()
+    expect(tab.get_by_label(".command.sh of COUNT_LINES (1)", exact=True)).to_contain_text("exit 1")
+    tab.get_by_role("button", name="Show .command.log of COUNT_LINES (1)").click()  # the stand-in writes none
+    expect(tab.get_by_label(".command.log of COUNT_LINES (1)", exact=True)).to_contain_text(".command.log cannot be shown")
+    expect(tab.get_by_role("progressbar", name="Progress of process COUNT_LINES")).to_have_attribute(
+        "aria-valuetext", re.compile(r"\(1 failed or aborted\)$"))
     tab.get_by_label("Task status").select_option("FAILED")
     expect(run.locator("tbody tr.failed")).to_have_count(1)
     expect(run.locator("table tbody tr")).to_have_count(1)
+    expect(run.locator("tbody tr.failed td").nth(4)).to_have_text("1")  # the exit code
     assert tab.evaluate("window.stillTheSamePage") is True
 
 
-def test_cancel_a_queued_run(server, api, page):
+@pytest.mark.stand(worker_absent_seconds=1)
+def test_a_banner_says_when_no_worker_is_connected(stand, page):
+    api = stand.client()
+    wid = ready_workflow(api, name="waiting")
+    ui = page(stand)
+    tab, expect = schedule_and_watch(ui, wid)
+    banner = tab.locator("#banners").get_by_text("No worker is connected")
+    expect(banner).to_be_visible()  # nobody in /api/workers
+    # The list says so too, once the queued run itself says what it waits for.
+    wait_for(lambda: api.get("/api/workflows/%d" % wid).json()["workflow"]["run"]["waiting_for"], message="waiting_for")
+    tab.get_by_role("link", name="All workflows").click()
+    expect(tab.get_by_role("heading", name="Workflows", exact=True)).to_be_visible()
+    expect(banner).to_be_visible()
+    tab.get_by_role("link", name="waiting", exact=True).click()
+    run = tab.get_by_role("region", name=re.compile("^Run 1"))
+    expect(run.locator(".meta .badge")).to_have_text("queued")
+    # A tab out of sight does not follow the run closely: it ends its long poll and looks every 30 s.
+    set_hidden(tab, True)
+    settled = wait_for(lambda: quiet_for(tab, ui.requests, 1000), timeout=10, message="the hidden page to settle")
+    assert quiet_for(tab, ui.requests, 2000), ui.requests[settled:]
+    set_hidden(tab, False)
+    stand.worker()
+    expect(run.locator(".meta .badge")).to_have_text("succeeded", timeout=30000)
+    expect(banner).to_have_count(0)
+
+
+def set_hidden(tab, hidden):
+    """What the page sees when its tab goes out of sight (another tab, a minimised window) or back."""
+    tab.evaluate("""hidden => {
+        Object.defineProperty(document, "hidden", {value: hidden, configurable: true});
+        document.dispatchEvent(new Event("visibilitychange"));
+    }""", hidden)
+
+
+def test_cancel_a_queued_run_and_an_idle_page_stays_quiet(server, api, page):
     wid = ready_workflow(api, name="no worker")
     ui = page(server)
     tab, expect = schedule_and_watch(ui, wid)
@@ -392,6 +468,16 @@ def test_cancel_a_queued_run(server, api, page):
     expect(run.locator(".meta .badge")).to_have_text("cancelled")
     expect(tab.get_by_role("button", name="Schedule")).to_be_enabled()
     assert api.get("/api/workflows/%d" % wid).json()["workflow"]["status"] == "cancelled"
+    # Nothing runs: once the page has caught up, it asks nothing for seconds (one look every 30 s).
+    settled = wait_for(lambda: quiet_for(tab, ui.requests, 1000), timeout=10, message="the page to settle")
+    assert quiet_for(tab, ui.requests, 3000), ui.requests[settled:]
+
+
+def quiet_for(tab, requests, ms):
+    """The number of requests so far, if no new one came within the next `ms` milliseconds."""
+    before = len(requests)
+    tab.wait_for_timeout(ms)
+    return before if len(requests) == before else None
 
 
 def test_names_are_shown_as_text_never_as_html(server, api, page):
