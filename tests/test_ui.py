@@ -370,7 +370,7 @@ def test_a_run_is_watched_live_to_its_end_and_its_files_download(stand, page):
     expect(run.locator("tbody tr")).to_have_count(4)
     # The stand-in's task n of a process used %cpu 90+n and peak_rss n*10 MiB, realtime 1.5 s.
     for column in ("realtime", "%cpu", "peak_rss"):
-        expect(run.get_by_role("columnheader", name=column, exact=True)).to_be_visible()
+        expect(run.locator("thead th", has_text=re.compile("^%s$" % re.escape(column)))).to_be_visible()
     expect(run.get_by_role("cell", name="92.0 %", exact=True)).to_have_count(2)
     expect(run.get_by_role("cell", name="20.0 MB", exact=True)).to_have_count(2)
     expect(run.get_by_role("cell", name=re.compile(r"^\d+\.\d s$")).first).to_be_visible()

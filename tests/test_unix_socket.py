@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -105,7 +106,10 @@ def test_a_connection_from_another_uid_is_refused_by_its_peer_credentials(tmp_pa
                   "print('connected')\n"
                   "try:\n    s.sendall(b'GET /api/workflows HTTP/1.1\\r\\nHost: localhost\\r\\n\\r\\n')\n"
                   "    print(repr(s.recv(1000)))\nexcept OSError as e:\n    print('closed', type(e).__name__)\n")
-        done = subprocess.run(["/usr/bin/python3", "-c", script, srv.socket_path], user="nobody",
+        nobody = pwd.getpwnam("nobody")
+        # As `nobody` (subprocess's user= and group= need Python 3.9).
+        done = subprocess.run(["/usr/bin/python3", "-c", script, srv.socket_path],
+                              preexec_fn=lambda: (os.setgid(nobody.pw_gid), os.setuid(nobody.pw_uid)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=20)
         answer = done.stdout.decode()
         # It got through the file modes (connected), and was closed without an answer.
