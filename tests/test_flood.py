@@ -367,8 +367,13 @@ def test_sigterm_waits_a_bounded_time_for_a_stalled_request(tmp_path):
 
 
 def connection_refused(port):
+    """Whether nothing listens on the port any more. Until the listener closes, each probe waits in
+    its accept queue, which nobody empties while the server stops: once it is full, a probe's SYN is
+    dropped and the connect times out, which means "still listening" too."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except socket.timeout:
+        return False
     return False
