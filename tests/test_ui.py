@@ -542,8 +542,10 @@ def test_the_page_mends_itself_when_the_server_restarts(server, api, page):
     ui = page(server)
     tab, expect = ui.tab, ui.expect
     ui.sign_in()
+    survivor = tab.get_by_role("link", name="survivor")
+    expect(survivor).to_be_visible()  # the list is shown before the server goes away
     server.stop()
-    tab.get_by_role("link", name="survivor").click()
+    survivor.click()
     expect(tab.get_by_role("alert").filter(has_text="Cannot reach nfapi")).to_be_visible()
     server.args += ["--port", str(server.port)]
     server.start()
