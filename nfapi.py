@@ -2602,7 +2602,7 @@ def claim_next_run(app, worker, host):
                 return launch, None
 
 
-QUEUED_RUNS = """
+QUEUED_RUNS_SQL = """
     SELECT r.*, (SELECT max(l.finished_at) FROM runs l WHERE l.workflow_id = r.workflow_id AND l.status = 'lost'
                  AND l.late_report IS NULL) AS lost_at
     FROM runs r WHERE r.status = 'queued' ORDER BY r.id
@@ -2617,7 +2617,7 @@ def startable_run(conn, now, hold):
     or for `hold` seconds; after that, the worker's lock on the launch folder decides.
     """
     held_until = None
-    for run in conn.execute(QUEUED_RUNS).fetchall():
+    for run in conn.execute(QUEUED_RUNS_SQL).fetchall():
         if run["lost_at"] is None or run["lost_at"] + hold <= now:
             return run, None
         held_until = min(held_until or math.inf, run["lost_at"] + hold)
