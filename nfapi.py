@@ -121,6 +121,9 @@ MAX_WEBLOG_TEXT = 4096  # characters kept of a text a weblog post reports (a tas
 MAX_TASK_ID = 2 ** 31 - 1  # Nextflow's TaskId is an int
 TASKS_PAGE, MAX_TASKS_PAGE = 1000, 10000  # rows of a run's tasks or processes in one answer (page_bounds)
 WEBLOG_CACHE_RUNS, WEBLOG_CACHE_SECONDS = 10000, 1.0  # see known_weblog_run
+# The promises file (Database.promise) is emptied once it holds this much; a start keeps the
+# promises in it PROMISE_BATCH a transaction.
+PROMISES_KEPT_BYTES, PROMISE_BATCH = 1 << 20, 500
 # The only session id nfapi ever puts after -resume: the canonical form of a Java UUID.
 SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_ANSWER_WAIT = 60  # `?wait=` on a run or a workflow
@@ -828,6 +831,11 @@ class Database:
         self.writer = connect(path)
         self.write_lock = threading.Lock()
         self.queued = collections.deque()  # work for write_together; append and popleft are atomic
+        self.promises = threading.Condition(threading.Lock())
+        self.promised = self.kept = 0  # promises made and kept so far (one is open at a time)
+        self.promises_fd = os.open(path + "-promised", os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                   0o600)
+        self.promises_bytes = os.fstat(self.promises_fd).st_size
         mode = self.writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
             sys.exit("nfapi: SQLite refused WAL mode for %s (journal_mode=%s). The data folder is "
@@ -837,6 +845,7 @@ class Database:
 
     @contextlib.contextmanager
     def connection(self):
+        self.wait_for_promises()
         try:
             conn = self.idle.pop()
         except IndexError:
@@ -857,6 +866,7 @@ class Database:
         cache stays valid from one write to the next; each pooled connection would re-read the
         pages another one changed.
         """
+        self.wait_for_promises()  # before write_lock: a promised write needs it
         with self.write_lock, self.transaction() as conn:
             yield conn
 
@@ -871,6 +881,76 @@ class Database:
         finally:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+
+    # -- writes answered before they are made --
+
+    @contextlib.contextmanager
+    def promise(self, entry):
+        """Around writes made after their request was answered (Request.answer_first); yields whether
+        they may be. `entry` (bytes) says what they are: it is appended to the promises file first,
+        one write() where a commit writes six pages and takes three locks, so a killed server makes
+        them at its next start (keep_old_promises).
+
+        Only a write that comes alone is promised: its answer would wait for a whole commit. One that
+        comes while another write is in progress shares a commit (write_together) and waits for it,
+        which costs less than a promise with many threads taking turns. So one promise is open at a
+        time, and the file is emptied once it holds PROMISES_KEPT_BYTES of kept ones. Nothing is
+        promised either when the file cannot take the entry (a full disk).
+
+        Until the writes are made, connection() and write() wait: no request that starts after an
+        answer reads less than the answer told. So a thread must not call them while its own
+        promise is open."""
+        framed = b"%d\n%s" % (len(entry), entry)
+        with self.promises:
+            alone = self.kept == self.promised and not self.write_lock.locked() and not self.queued
+            promised = alone and self.append_promise(framed)
+            if promised:
+                self.promised += 1
+        if not promised:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self.promises:
+                self.kept += 1
+                if self.promises_bytes > PROMISES_KEPT_BYTES:
+                    os.ftruncate(self.promises_fd, 0)  # every promise in it is kept
+                    self.promises_bytes = 0
+                self.promises.notify_all()
+
+    def append_promise(self, framed):
+        """Whether `framed` is now whole at the end of the promises file (a full disk leaves no part of it)."""
+        try:
+            whole = os.write(self.promises_fd, framed) == len(framed)
+        except OSError:
+            whole = False
+        if whole:
+            self.promises_bytes += len(framed)
+        else:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.promises_fd, self.promises_bytes)
+        return whole
+
+    def wait_for_promises(self):
+        if self.kept != self.promised:  # without the lock: a promise made after this test came after the caller
+            with self.promises:
+                made = self.promised
+                self.promises.wait_for(lambda: self.kept >= made)
+
+    def keep_old_promises(self, make):
+        """At start, before any request: make(conn, entry) for each entry of the promises file, in
+        PROMISE_BATCH entries a transaction, then empty it. The file may hold promises kept already:
+        `make` must be idempotent. An entry cut short by a crash was never answered, and is left out."""
+        with open(os.dup(self.promises_fd), "rb") as f:
+            f.seek(0)
+            entries = list(read_promises(f))
+        for start in range(0, len(entries), PROMISE_BATCH):
+            with self.write() as conn:
+                for entry in entries[start:start + PROMISE_BATCH]:
+                    make(conn, entry)
+        os.ftruncate(self.promises_fd, 0)
+        self.promises_bytes = 0
 
     def write_together(self, work):
         """Return work(conn), run in a write transaction shared with the work other threads queued
@@ -904,6 +984,19 @@ class Database:
     def close(self):
         for conn in self.idle + [self.writer]:
             conn.close()
+        os.close(self.promises_fd)
+
+
+def read_promises(f):
+    """The entries of a promises file (see Database.promise), up to its end or to an entry cut short."""
+    while True:
+        length = f.readline(20)
+        if not re.fullmatch(rb"[0-9]{1,18}\n", length):
+            return
+        entry = f.read(int(length))
+        if len(entry) < int(length):
+            return
+        yield entry
 
 
 def migrate(db):
@@ -2239,7 +2332,12 @@ def run_secret_auth(handler):
 
 @run_secret_auth
 def workflow_nextflow_log(req, id):
-    """Nextflow's weblog (one POST per event, sequential, waiting for each answer): record and answer fast.
+    """Nextflow's weblog (one POST per event, sequential, waiting for each answer): check, promise,
+    answer, record.
+
+    A checked post is appended to the promises file, answered, and then recorded (Request.answer_first):
+    the sender's next post travels while this one is written, and a server killed in between records
+    it at its next start (keep_weblog_promise). So a post answered 200 is never lost.
 
     The URL carries `?run=<run id>`, and the secret comes as HTTP Basic `<any user>:<secret>`
     (weblog.basicToken, Nextflow 23.10 on) or in the URL as `&token=<secret>` (older Nextflow). The
@@ -2255,23 +2353,40 @@ def workflow_nextflow_log(req, id):
     if req.body_left > MAX_WEBLOG_BYTES:
         raise ApiError(413, "body", "weblog posts are limited to %d bytes" % MAX_WEBLOG_BYTES)
     message = req.json()
-
-    def record(conn):
-        # Checked again in the write transaction: the run may have ended meanwhile, and it cannot
-        # be deleted between this check and the write.
-        run = weblog_run(conn, id, run_id)
-        refusal = weblog_refusal(req.app, run, secret)
-        if refusal is None:
-            record_weblog(req.app, conn, run, message)
-        return refusal
-    refusal = req.app.db.write_together(record)
-    if refusal:
-        raise refusal
+    with req.answer_first(200, b"%d %d\n%s" % (id, run_id, req.json_text)):
+        req.app.db.write_together(lambda conn: record_weblog_post(req.app, conn, id, run_id, message))
     trace = message.get("trace")
     if isinstance(trace, dict) and trace.get("status") == "FAILED":
         remember_failed_tasks(req.app, run)  # a file read and a write more, for failed tasks only
     req.app.changes.notify(id)
     return 200, None
+
+
+def record_weblog_post(app, conn, workflow_id, run_id, message):
+    """Record a post that was checked and answered; the run is read again, in the write transaction:
+    it may have changed since, or been deleted with its workflow (the post is then left out)."""
+    run = weblog_run(conn, workflow_id, run_id)
+    if run is not None:
+        record_weblog(app, conn, run, message)
+    return run
+
+
+def keep_weblog_promises(app):
+    """At start, record the posts a killed server had answered and not recorded (Database.promise).
+    The promises file may hold posts recorded already: recording a post again changes nothing."""
+    failed = {}
+
+    def keep(conn, entry):
+        head, _, body = entry.partition(b"\n")
+        workflow_id, run_id = map(int, head.split())
+        message = json.loads(body) if body.strip() else {}
+        run = record_weblog_post(app, conn, workflow_id, run_id, message)
+        trace = message.get("trace")
+        if run is not None and isinstance(trace, dict) and trace.get("status") == "FAILED":
+            failed[run["id"]] = run
+    app.db.keep_old_promises(keep)
+    for run in failed.values():
+        remember_failed_tasks(app, run)
 
 
 def weblog_run(conn, workflow_id, run_id):
@@ -4829,6 +4944,7 @@ class Request:
         self.keep_alive = False
         self.body_left = None  # bytes of the body not read yet; None until the request is framed
         self.json_body = self.query_params = None
+        self.json_text = b""  # the body json() parsed
         self.prepared = False
         self.read_only = False  # authenticated with the read-only token
         self.worker_nonce = self.worker_body_sha256 = None  # set by a worker's signed request
@@ -4946,6 +5062,20 @@ class Request:
                                                                    hashlib.sha256(data).hexdigest()))
 
     @contextlib.contextmanager
+    def answer_first(self, status, entry):
+        """Send the answer `status` (no body) now, and make the with-block's writes after it, once
+        `entry` says what they are in the promises file (Database.promise); else answer after them,
+        as every other request. The weblog's sender waits for each answer: its next post travels
+        while this one is written."""
+        with self.app.db.promise(entry) as promised:
+            if promised:
+                try:
+                    self.conn.send_answer(self, status, None)
+                except CLIENT_GONE:  # the request came whole: it counts though its sender left
+                    self.conn.close_connection = True
+            yield
+
+    @contextlib.contextmanager
     def slot_share(self):
         """Hold the request's share of the server's slots while it is handled and answered: 503
         when the read-only token's requests hold their share already (see read_only_share)."""
@@ -4996,7 +5126,7 @@ class Request:
         if self.json_body is None:
             if self.body_left > self.app.config["max_json_bytes"]:
                 raise ApiError(413, "body", "JSON bodies are limited to %d bytes" % self.app.config["max_json_bytes"])
-            data = b"".join(self.body_chunks())
+            self.json_text = data = b"".join(self.body_chunks())
             self.json_body = parse_json(data) if data.strip() else {}
             if not isinstance(self.json_body, dict):
                 raise ApiError(422, "body", "must be a JSON object")
@@ -5211,7 +5341,8 @@ class Connection:
             handler, params = req.route
             with req.slot_share():
                 status, body = handler(req, **params)
-                self.send_answer(req, status, body)
+                if not self.answer_started:  # see Request.answer_first
+                    self.send_answer(req, status, body)
         except (ClientGone,) + CLIENT_GONE:
             self.close_connection = True
         except Exception as e:
@@ -5433,6 +5564,7 @@ class App:
         self.worker_nonces = SeenNonces()
         self.read_only_slots = Share()  # see Request.slot_share
         self.long_polls = Share()  # see answer_when_ended
+        keep_weblog_promises(self)
         self.reconcile()
         threading.Thread(target=self.reap_forever, name="lease-reaper", daemon=True).start()
         self.courier.thread.start()

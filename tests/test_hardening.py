@@ -313,6 +313,41 @@ def test_sigkill_while_weblog_posts_stream_loses_no_answered_post(tmp_path):
         srv.stop()
 
 
+def test_a_post_answered_before_it_is_written_survives_a_kill(tmp_path):
+    """A lone weblog post is answered once it is in the promises file, before its commit
+    (Database.promise). With SQLite's write lock held from outside, the commit cannot happen: the
+    answer still comes, and after a SIGKILL and a restart the post is counted. An entry cut short
+    at the end of the file (a kill inside the append) is left out."""
+    import http.client
+    srv = ServerProcess(tmp_path).start()
+    api = srv.client()
+    wid = ready_workflow(api)
+    api.post("/api/workflows/%d/schedule" % wid)
+    url = weblog_target(api.post("/api/worker/claim", {"worker": "w", "wait": 0}).json()["run"])
+    promises = os.path.join(srv.data, "nfapi.sqlite3-promised")
+    blocker = sqlite3.connect(os.path.join(srv.data, "nfapi.sqlite3"), isolation_level=None, timeout=0)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+        body = json.dumps({"trace": {"task_id": 7, "status": "COMPLETED", "exit": 0, "process": "P"},
+                           "event": "process_completed", "runId": "r", "runName": "n"})
+        conn.request("POST", url.path + "?" + url.query, body=body, headers={"Content-Type": "application/json"})
+        assert conn.getresponse().status == 200
+        assert os.stat(promises).st_mode & 0o777 == 0o600
+        srv.stop(signal.SIGKILL)
+    finally:
+        blocker.close()
+    with open(promises, "ab") as f:
+        f.write(b'500\n{"trace": {"task_id": 8, "status": "COMPLETED"')
+    srv.start()
+    try:
+        wf = srv.client().get("/api/workflows/%d" % wid).json()["workflow"]
+        assert (wf["submitted_processes"], wf["completed_processes"]) == (1, 1)
+        assert os.path.getsize(promises) == 0 and integrity_ok(srv.data)
+    finally:
+        srv.stop()
+
+
 def test_sigkill_during_delete_leaves_no_half_deleted_workflow(tmp_path):
     srv = ServerProcess(tmp_path).start()
     outcomes = set()

@@ -150,6 +150,22 @@ def test_simultaneous_posts_of_many_runs_are_each_counted_once(stand):
         runs[0][0], urllib.parse.parse_qs(runs[0][2].query)["run"][0])).json()["tasks"][0]["task_id"] == 5
 
 
+def test_whoever_got_an_answer_reads_what_the_post_said(stand):
+    """A request that starts after a post's answer, on another connection, sees the post, every time:
+    a post is answered only once it is written."""
+    api, reader = stand.client(), stand.client()
+    wid, _, target = scheduled_run(api)
+    run_id = urllib.parse.parse_qs(target.query)["run"][0]
+    for task in range(1, 301):
+        status = "FAILED" if task % 3 == 0 else "COMPLETED"
+        assert post(api, target, trace_event("process_completed", task, status, 1 if status == "FAILED" else 0)).status == 200
+        if task % 2:
+            assert counts(reader, wid) == (task, task - task // 3, task // 3), task
+        else:
+            tasks = reader.get("/api/workflows/%d/runs/%s/tasks?offset=%d" % (wid, run_id, task - 1)).json()["tasks"]
+            assert [(t["task_id"], t["status"]) for t in tasks] == [(task, status)], task
+
+
 def test_envelopes_of_every_era_and_junk(stand):
     api = stand.client()
     wid, _, target = scheduled_run(api)
