@@ -4022,6 +4022,13 @@ def public(handler):
     return handler
 
 
+def ticket_auth(handler):
+    """Mark a route whose key is a download link's ticket: the link is found before the request takes
+    its slot, so one asked for with the read-only token counts in that token's share (slot_share)."""
+    handler.ticket_auth = handler.public = True
+    return handler
+
+
 def reads_only(handler):
     """Mark a POST that changes nothing, so that the read-only token may call it as it may GET."""
     handler.reads_only = True
@@ -4099,11 +4106,12 @@ class DownloadLinks:
         return ticket
 
     def find(self, ticket):
+        """(workflow id, path, format, whether the read-only token asked for it)."""
         with self.lock:
             found = self.tickets.get(ticket)
         if found is None or found[3] <= time.monotonic():
             raise ApiError(404, "ticket", "no such download link, or it has expired; ask for a new one")
-        return found[:3]
+        return found[:3] + found[4:]
 
 
 @reads_only
@@ -4121,10 +4129,10 @@ def workflow_download_link(req, id):
     return 200, {"url": "/api/download/" + ticket, "expires_in": DOWNLOAD_LINK_SECONDS}
 
 
-@public
+@ticket_auth
 def download(req, ticket):
     """Follow a download link: exactly what GET /api/workflows/<id>/download serves for its path and format."""
-    workflow_id, path, fmt = req.app.download_links.find(ticket)
+    workflow_id, path, fmt, _ = req.link
     # The bound values stand in for the query string; Range and If-None-Match apply as usual.
     req.query_params = {"path": path, "format": fmt}
     return workflow_download(req, workflow_id)
@@ -4946,7 +4954,8 @@ class Request:
         self.json_body = self.query_params = None
         self.json_text = b""  # the body json() parsed
         self.prepared = False
-        self.read_only = False  # authenticated with the read-only token
+        self.read_only = False  # authenticated with the read-only token, or following a link it asked for
+        self.link = None  # the download link a ticket route follows (DownloadLinks.find)
         self.worker_nonce = self.worker_body_sha256 = None  # set by a worker's signed request
 
     def parse(self, head):
@@ -4992,8 +5001,12 @@ class Request:
         except ApiError:
             self.authenticate()
             raise
-        if not (getattr(self.route[0], "run_secret_auth", False) or getattr(self.route[0], "public", False)):
-            self.authenticate(reads_only=getattr(self.route[0], "reads_only", False))
+        handler, params = self.route
+        if getattr(handler, "ticket_auth", False):
+            self.link = self.app.download_links.find(params["ticket"])
+            self.read_only = self.link[3]
+        elif not (getattr(handler, "run_secret_auth", False) or getattr(handler, "public", False)):
+            self.authenticate(reads_only=getattr(handler, "reads_only", False))
 
     def authenticate(self, reads_only=False):
         """The API token allows everything; the optional read-only token allows GET and `reads_only` POSTs;

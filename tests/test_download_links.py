@@ -3,6 +3,7 @@ with no token serves exactly what the download route serves for the bound path a
 
 import io
 import os
+import socket
 import tarfile
 import time
 import zipfile
@@ -10,7 +11,7 @@ import zipfile
 import pytest
 
 import nfapi
-from conftest import ServerProcess
+from conftest import ServerProcess, write_config
 
 SAME_HEADERS = ("Content-Type", "Content-Disposition", "ETag", "Last-Modified", "Accept-Ranges", "Content-Length",
                 "Content-Range")
@@ -124,12 +125,46 @@ def test_the_read_only_token_may_make_links(tmp_path):
         srv.stop()
 
 
+def test_links_of_the_read_only_token_hold_at_most_half_the_slots(tmp_path):
+    """A link is followed without a token, but it stands for the token that asked for it: downloads
+    through the read-only token's links, read as slowly as their client likes, hold at most that
+    token's half of max_connections (8 here), and the owner's requests still get through."""
+    config = write_config(tmp_path, max_connections=8)
+    srv = ServerProcess(tmp_path, config=config, env={"NFAPI_READ_TOKEN": "reader-token"}).start()
+    downloads = []
+    try:
+        owner = srv.client()
+        wid = owner.create("big")
+        assert owner.upload(wid, "big.bin", bytes(32 << 20)).status == 200  # more than socket buffers hold
+        reader = srv.client()
+        reader.token = "reader-token"
+        urls = [link(reader, wid, "big.bin") for _ in range(8)]
+        owner.conn.close()  # a keep-alive connection between requests holds no slot, but be plain about it
+        reader.conn.close()
+        for url in urls:
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % url.encode())
+            downloads.append(sock)
+        statuses = []
+        for sock in downloads:
+            first = b""
+            while b"\r\n" not in first:
+                first += sock.recv(1024)
+            statuses.append(int(first.split()[1]))
+        assert sorted(statuses) == [200] * 4 + [503] * 4, statuses
+        assert srv.client().get("/api/workflows/count").status == 200
+    finally:
+        for sock in downloads:
+            sock.close()
+        srv.stop()
+
+
 def test_links_expire_and_their_number_is_bounded(monkeypatch):
     monkeypatch.setattr(nfapi, "DOWNLOAD_LINK_SECONDS", 0.2)
     monkeypatch.setattr(nfapi, "MAX_DOWNLOAD_LINKS", 3)
     links = nfapi.DownloadLinks()
     tickets = [links.create(1, "a.txt", "zip", False) for _ in range(3)]
-    assert links.find(tickets[0]) == (1, "a.txt", "zip")
+    assert links.find(tickets[0]) == (1, "a.txt", "zip", False)
     with pytest.raises(nfapi.ApiError) as refused:
         links.create(1, "a.txt", "zip", False)
     assert refused.value.status == 429 and refused.value.headers["Retry-After"]
