@@ -984,7 +984,10 @@ class Database:
     def close(self):
         for conn in self.idle + [self.writer]:
             conn.close()
-        os.close(self.promises_fd)
+        with self.promises:
+            if self.kept == self.promised:  # every promise is kept: the next start has nothing to do
+                os.ftruncate(self.promises_fd, 0)
+            os.close(self.promises_fd)
 
 
 def read_promises(f):
@@ -3634,6 +3637,16 @@ def remember_failed_tasks(app, run):
     app.changes.notify(run["workflow_id"])
 
 
+def remember_failed_tasks_left_out(app):
+    """At start: remember_failed_tasks for runs with a failed task and no `failed_tasks`, which a
+    server killed between the two leaves, as does one from before `failed_tasks` existed."""
+    with app.db.connection() as conn:
+        runs = conn.execute("SELECT id, workflow_id, secret FROM runs WHERE failed_tasks IS NULL AND failed > 0 AND "
+                            "EXISTS (SELECT 1 FROM tasks WHERE run_id = runs.id AND status = 'FAILED')").fetchall()
+    for run in runs:
+        remember_failed_tasks(app, run)
+
+
 def command_err_tail(app, run, workdir):
     """The last ERR_TAIL_LINES lines (at most ERR_TAIL_BYTES) of a task's .command.err, secrets masked;
     None when it cannot be read (see task_folder)."""
@@ -5578,6 +5591,7 @@ class App:
         self.read_only_slots = Share()  # see Request.slot_share
         self.long_polls = Share()  # see answer_when_ended
         keep_weblog_promises(self)
+        remember_failed_tasks_left_out(self)
         self.reconcile()
         threading.Thread(target=self.reap_forever, name="lease-reaper", daemon=True).start()
         self.courier.thread.start()

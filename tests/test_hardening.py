@@ -348,6 +348,34 @@ def test_a_post_answered_before_it_is_written_survives_a_kill(tmp_path):
         srv.stop()
 
 
+def test_a_start_fills_in_the_failed_tasks_a_run_lacks(tmp_path):
+    """A run's `failed_tasks` is written after its failed task is (remember_failed_tasks): a server
+    killed in between, or one from before `failed_tasks` existed, leaves it null. The next start
+    fills it in."""
+    import http.client
+    srv = ServerProcess(tmp_path).start()
+    api = srv.client()
+    wid = ready_workflow(api)
+    api.post("/api/workflows/%d/schedule" % wid)
+    url = weblog_target(api.post("/api/worker/claim", {"worker": "w", "wait": 0}).json()["run"])
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    body = json.dumps({"trace": {"task_id": 3, "status": "FAILED", "exit": 1, "process": "P", "name": "P (3)"},
+                       "event": "process_completed", "runId": "r", "runName": "n"})
+    conn.request("POST", url.path + "?" + url.query, body=body, headers={"Content-Type": "application/json"})
+    assert conn.getresponse().status == 200
+    srv.stop()
+    db = sqlite3.connect(os.path.join(srv.data, "nfapi.sqlite3"))
+    with db:
+        db.execute("UPDATE runs SET failed_tasks = NULL")
+    db.close()
+    srv.start()
+    try:
+        run = srv.client().get("/api/workflows/%d" % wid).json()["workflow"]["run"]
+        assert [(t["task_id"], t["name"], t["exit"]) for t in run["failed_tasks"]] == [(3, "P (3)", 1)]
+    finally:
+        srv.stop()
+
+
 def test_sigkill_during_delete_leaves_no_half_deleted_workflow(tmp_path):
     srv = ServerProcess(tmp_path).start()
     outcomes = set()
