@@ -833,6 +833,7 @@ class Database:
         self.queued = collections.deque()  # work for write_together; append and popleft are atomic
         self.promises = threading.Condition(threading.Lock())
         self.promised = self.kept = 0  # promises made and kept so far (one is open at a time)
+        self.broken = False  # a promised write failed: its entry waits in the file for the next start
         self.promises_fd = os.open(path + "-promised", os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                                    0o600)
         self.promises_bytes = os.fstat(self.promises_fd).st_size
@@ -895,7 +896,8 @@ class Database:
         comes while another write is in progress shares a commit (write_together) and waits for it,
         which costs less than a promise with many threads taking turns. So one promise is open at a
         time, and the file is emptied once it holds PROMISES_KEPT_BYTES of kept ones. Nothing is
-        promised either when the file cannot take the entry (a full disk).
+        promised either when the file cannot take the entry (a full disk), nor after a promised write
+        failed (an error after the answer): the file then keeps that entry for the next start.
 
         Until the writes are made, connection() and write() wait: no request that starts after an
         answer reads less than the answer told. So a thread must not call them while its own
@@ -903,7 +905,7 @@ class Database:
         framed = b"%d\n%s" % (len(entry), entry)
         with self.promises:
             alone = self.kept == self.promised and not self.write_lock.locked() and not self.queued
-            promised = alone and self.append_promise(framed)
+            promised = alone and not self.broken and self.append_promise(framed)
             if promised:
                 self.promised += 1
         if not promised:
@@ -911,10 +913,13 @@ class Database:
             return
         try:
             yield True
+        except Exception:
+            self.broken = True
+            raise
         finally:
             with self.promises:
                 self.kept += 1
-                if self.promises_bytes > PROMISES_KEPT_BYTES:
+                if self.promises_bytes > PROMISES_KEPT_BYTES and not self.broken:
                     os.ftruncate(self.promises_fd, 0)  # every promise in it is kept
                     self.promises_bytes = 0
                 self.promises.notify_all()
@@ -941,14 +946,16 @@ class Database:
     def keep_old_promises(self, make):
         """At start, before any request: make(conn, entry) for each entry of the promises file, in
         PROMISE_BATCH entries a transaction, then empty it. The file may hold promises kept already:
-        `make` must be idempotent. An entry cut short by a crash was never answered, and is left out."""
+        `make` must be idempotent. An entry cut short by a crash was never answered, and is left out.
+        So is one `make` fails on (the file is not synced: a power cut may damage it), with what it
+        wrote, and it is logged: the start goes on. A database error stops the start, the file kept."""
         with open(os.dup(self.promises_fd), "rb") as f:
             f.seek(0)
-            entries = list(read_promises(f))
+            entries = list(read_promises(f.read()))
         for start in range(0, len(entries), PROMISE_BATCH):
             with self.write() as conn:
                 for entry in entries[start:start + PROMISE_BATCH]:
-                    make(conn, entry)
+                    keep_old_promise(conn, make, entry)
         os.ftruncate(self.promises_fd, 0)
         self.promises_bytes = 0
 
@@ -990,16 +997,33 @@ class Database:
             os.close(self.promises_fd)
 
 
-def read_promises(f):
-    """The entries of a promises file (see Database.promise), up to its end or to an entry cut short."""
+PROMISE_LENGTH = re.compile(rb"([0-9]{1,18})\n")
+
+
+def read_promises(data):
+    """The entries of a promises file's `data` (see Database.promise), up to its end or to an entry
+    cut short."""
+    end = 0
     while True:
-        length = f.readline(20)
-        if not re.fullmatch(rb"[0-9]{1,18}\n", length):
+        length = PROMISE_LENGTH.match(data, end)
+        if not length or length.end() + int(length.group(1)) > len(data):
             return
-        entry = f.read(int(length))
-        if len(entry) < int(length):
-            return
-        yield entry
+        end = length.end() + int(length.group(1))
+        yield data[length.end():end]
+
+
+def keep_old_promise(conn, make, entry):
+    """make(conn, entry) in a savepoint of the caller's transaction; see Database.keep_old_promises."""
+    conn.execute("SAVEPOINT promise")
+    try:
+        make(conn, entry)
+    except sqlite3.Error:
+        raise
+    except Exception:
+        conn.execute("ROLLBACK TO promise")
+        sys.stderr.write("nfapi: left out an entry of the promises file that could not be kept:\n%s"
+                         % traceback.format_exc())
+    conn.execute("RELEASE promise")
 
 
 def migrate(db):
@@ -2340,7 +2364,8 @@ def workflow_nextflow_log(req, id):
 
     A checked post is appended to the promises file, answered, and then recorded (Request.answer_first):
     the sender's next post travels while this one is written, and a server killed in between records
-    it at its next start (keep_weblog_promise). So a post answered 200 is never lost.
+    it at its next start (keep_weblog_promises). So a post answered 200 is never lost. A FAILED task's
+    post is answered once it is recorded and remembered among the run's failed_tasks.
 
     The URL carries `?run=<run id>`, and the secret comes as HTTP Basic `<any user>:<secret>`
     (weblog.basicToken, Nextflow 23.10 on) or in the URL as `&token=<secret>` (older Nextflow). The
@@ -2356,11 +2381,16 @@ def workflow_nextflow_log(req, id):
     if req.body_left > MAX_WEBLOG_BYTES:
         raise ApiError(413, "body", "weblog posts are limited to %d bytes" % MAX_WEBLOG_BYTES)
     message = req.json()
-    with req.answer_first(200, b"%d %d\n%s" % (id, run_id, req.json_text)):
-        req.app.db.write_together(lambda conn: record_weblog_post(req.app, conn, id, run_id, message))
+
+    def record(conn):
+        return record_weblog_post(req.app, conn, id, run_id, message)
     trace = message.get("trace")
     if isinstance(trace, dict) and trace.get("status") == "FAILED":
+        req.app.db.write_together(record)
         remember_failed_tasks(req.app, run)  # a file read and a write more, for failed tasks only
+    else:
+        with req.answer_first(200, b"%d %d\n%s" % (id, run_id, req.json_text)):
+            req.app.db.write_together(record)
     req.app.changes.notify(id)
     return 200, None
 
@@ -2375,21 +2405,14 @@ def record_weblog_post(app, conn, workflow_id, run_id, message):
 
 
 def keep_weblog_promises(app):
-    """At start, record the posts a killed server had answered and not recorded (Database.promise).
-    The promises file may hold posts recorded already: recording a post again changes nothing."""
-    failed = {}
-
+    """At start, record the posts a killed server had answered and not recorded (Database.promise;
+    no FAILED task's post among them). The promises file may hold posts recorded already: recording
+    a post again changes nothing."""
     def keep(conn, entry):
         head, _, body = entry.partition(b"\n")
         workflow_id, run_id = map(int, head.split())
-        message = json.loads(body) if body.strip() else {}
-        run = record_weblog_post(app, conn, workflow_id, run_id, message)
-        trace = message.get("trace")
-        if run is not None and isinstance(trace, dict) and trace.get("status") == "FAILED":
-            failed[run["id"]] = run
+        record_weblog_post(app, conn, workflow_id, run_id, json.loads(body) if body.strip() else {})
     app.db.keep_old_promises(keep)
-    for run in failed.values():
-        remember_failed_tasks(app, run)
 
 
 def weblog_run(conn, workflow_id, run_id):
@@ -2490,7 +2513,8 @@ def record_task(app, conn, run, trace):
     run's and the processes' counters. Past `max_tasks_per_run` tasks, new ones are left out and the
     run says so."""
     task_id, status = trace.get("task_id"), trace.get("status")
-    if not is_int(task_id) or not 0 < task_id <= MAX_TASK_ID or status not in TASK_STATUS_RANK:
+    if not is_int(task_id) or not 0 < task_id <= MAX_TASK_ID or not isinstance(status, str) \
+            or status not in TASK_STATUS_RANK:  # `in` would raise on a list or an object
         return
     if run["submitted"] >= app.config["max_tasks_per_run"] and conn.execute(
             "SELECT 1 FROM tasks WHERE run_id = ? AND task_id = ?", (run["id"], task_id)).fetchone() is None:
@@ -5092,11 +5116,15 @@ class Request:
         """Send the answer `status` (no body) now, and make the with-block's writes after it, once
         `entry` says what they are in the promises file (Database.promise); else answer after them,
         as every other request. The weblog's sender waits for each answer: its next post travels
-        while this one is written."""
+        while this one is written.
+
+        Every request that reads or writes waits for the promise: only what the socket takes at once
+        is sent while it is open, the rest once the handler returns (send_answer_early). A client
+        that stops reading its answers (a full socket) would hold them all for client_timeout."""
         with self.app.db.promise(entry) as promised:
             if promised:
                 try:
-                    self.conn.send_answer(self, status, None)
+                    self.conn.send_answer_early(self, status)
                 except CLIENT_GONE:  # the request came whole: it counts though its sender left
                     self.conn.close_connection = True
             yield
@@ -5198,6 +5226,13 @@ class SocketWriter:
         self.sock.sendall(data)
         return len(data)
 
+    def write_at_once(self, data):
+        """Send what the socket takes without waiting; return the rest."""
+        try:
+            return data[self.sock.send(data, socket.MSG_DONTWAIT):]
+        except BlockingIOError:
+            return data
+
     def flush(self):
         pass
 
@@ -5227,6 +5262,7 @@ class Connection:
         self.close_connection = False
         self.unread_input = False  # a body not read: closing must linger, or the answer may be lost
         self.answer_started = False
+        self.unsent = b""  # the rest of an answer started early (send_answer_early)
 
     def serve(self):
         """Answer requests until the connection closes or has no whole head within KEEP_ALIVE_WAIT
@@ -5328,7 +5364,7 @@ class Connection:
     def handle(self, head):
         """Answer one request; `head` is its head, or the ApiError that reading it raised."""
         req = Request(self)
-        self.answer_started = False
+        self.answer_started, self.unsent = False, b""
         try:
             if isinstance(head, ApiError):
                 raise head
@@ -5367,8 +5403,10 @@ class Connection:
             handler, params = req.route
             with req.slot_share():
                 status, body = handler(req, **params)
-                if not self.answer_started:  # see Request.answer_first
+                if not self.answer_started:
                     self.send_answer(req, status, body)
+                elif self.unsent:  # see send_answer_early
+                    self.wfile.write(self.unsent)
         except (ClientGone,) + CLIENT_GONE:
             self.close_connection = True
         except Exception as e:
@@ -5396,6 +5434,22 @@ class Connection:
         """Send `body`: a dict as JSON, None as nothing, a Body as its own content."""
         if not isinstance(body, Body):
             body = Body.json(body)
+        head = self.answer_head(req, status, body, headers)
+        if req.command == "HEAD":
+            self.wfile.write(head)
+        elif body.data is not None:
+            self.wfile.write(head + body.data)  # one write, one packet for a small answer
+        else:
+            self.wfile.write(head)
+            body.write_to(self)
+
+    def send_answer_early(self, req, status):
+        """Start an answer without a body while the handler runs, sending what the socket takes
+        without waiting; dispatch sends the rest (see Request.answer_first)."""
+        self.unsent = self.wfile.write_at_once(self.answer_head(req, status, Body.json(None), None))
+
+    def answer_head(self, req, status, body, headers):
+        """The head of an answer, which starts now."""
         fields = dict(body.headers)
         fields.update(headers or {})
         fields.update(self.cors_headers(req))
@@ -5414,13 +5468,7 @@ class Connection:
             "".join("%s: %s\r\n" % field for field in fields.items()))).encode("latin-1")
         self.log_request(req, status, body.length)
         self.answer_started = True
-        if req.command == "HEAD":
-            self.wfile.write(head)
-        elif body.data is not None:
-            self.wfile.write(head + body.data)  # one write, one packet for a small answer
-        else:
-            self.wfile.write(head)
-            body.write_to(self)
+        return head
 
     def cors_headers(self, req):
         """CORS is off unless the configuration lists the origin (a browser page elsewhere must not
