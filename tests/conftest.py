@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
@@ -417,3 +418,38 @@ class UnixClient(Client):
     def reconnect(self):
         self.conn.close()
         self.conn = UnixHTTPConnection(self.path, timeout=self.conn.timeout)
+
+
+# ==== Stand-ins that speak HTTP by hand (a squatter on our port, a proxy, a forwarder) ====
+
+def serve_connections(listener, handle):
+    """Accept on `listener` until it is closed, each connection handed to `handle` in a thread of its own."""
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+
+
+def read_request(conn):
+    """One request off `conn`, as a stand-in needs it: (request line, {header: value} as sent, body), or
+    None if the peer closes before its head ends. The body is Content-Length bytes (no chunked bodies)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(next((v for k, v in headers.items() if k.lower() == "content-length"), "0"))
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return lines[0], headers, body

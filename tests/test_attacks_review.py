@@ -12,13 +12,12 @@ import os
 import socket
 import sqlite3
 import stat
-import threading
 import time
 
 import pytest
 
-from conftest import (ServerProcess, WorkerProcess, processes_with_marker, ready_workflow, wait_final, wait_for,
-                      write_config)
+from conftest import (ServerProcess, WorkerProcess, processes_with_marker, read_request, ready_workflow,
+                      serve_connections, wait_final, wait_for, write_config)
 
 READER = "reader-token-for-the-review"
 
@@ -97,32 +96,17 @@ class Squatter:
                 time.sleep(0.01)
         self.sock.listen(16)
         self.given = False
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+        serve_connections(self.sock, self.answer)
 
     def answer(self, conn):
         with conn:
             conn.settimeout(10)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, body = data.partition(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-            while len(body) < int(headers.get("content-length", "0")):
-                body += conn.recv(65536)
-            self.requests.append((lines[0], headers))
-            path = lines[0].split()[1]
+            request = read_request(conn)
+            if request is None:
+                return
+            line, headers, _ = request
+            self.requests.append((line, {k.lower(): v for k, v in headers.items()}))
+            path = line.split()[1]
             if path.endswith("/api/worker/claim"):
                 answer, self.given = {"run": None if self.given else self.launch}, True
             elif path.endswith("/api/worker/heartbeat"):
