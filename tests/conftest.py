@@ -1,6 +1,7 @@
 """Test harness: the real server (and later the real worker) as subprocesses, spoken to over HTTP."""
 
 import http.client
+import http.server
 import json
 import re
 import os
@@ -453,3 +454,31 @@ def read_request(conn):
             break
         body += chunk
     return lines[0], headers, body
+
+
+class PostReceiver:
+    """An HTTP server on loopback for what is posted to it (webhooks, Nextflow's weblog). A subclass
+    defines `answer(path, headers, body)`: it keeps what it needs and returns the status to reply with."""
+
+    def __init__(self):
+        answer = self.answer
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(answer(self.path, self.headers, body))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -6,7 +6,6 @@ import email
 import email.policy
 import hashlib
 import hmac
-import http.server
 import json
 import os
 import signal
@@ -16,12 +15,12 @@ import threading
 import pytest
 from aiosmtpd.controller import Controller
 
-from conftest import ServerProcess, wait_for
+from conftest import PostReceiver, ServerProcess, wait_for
 
 SECRET = "webhook-secret"
 
 
-class Receiver:
+class Receiver(PostReceiver):
     """A webhook receiver: records every POST and answers the statuses of `answers` in turn, then 200.
     While `hold` is clear it keeps each request waiting."""
 
@@ -31,33 +30,22 @@ class Receiver:
         self.answers = []
         self.hold = threading.Event()
         self.hold.set()
-        receiver = self
+        super().__init__()
+        self.url = "http://127.0.0.1:%d/hooks/T0001/B0002?key=chat-secret" % self.port
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.arrived += 1
-                receiver.hold.wait(30)
-                status = receiver.answers.pop(0) if receiver.answers else 200
-                receiver.requests.append((self.headers, body, status))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = "http://127.0.0.1:%d/hooks/T0001/B0002?key=chat-secret" % self.server.server_address[1]
+    def answer(self, path, headers, body):
+        self.arrived += 1
+        self.hold.wait(30)
+        status = self.answers.pop(0) if self.answers else 200
+        self.requests.append((headers, body, status))
+        return status
 
     def for_run(self, run_id):
         return [r for r in self.requests if json.loads(r[1])["run"]["id"] == run_id]
 
     def close(self):
         self.hold.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 class Sink:
@@ -203,7 +191,7 @@ def test_every_way_a_run_ends_notifies_exactly_once(tmp_path, start, receiver, s
     for run_id, (wid, status) in expected.items():
         found = delivered(api, wid, run_id)
         assert found["webhook"]["attempts"] == found["email"]["attempts"] == 1  # so nothing more will come
-        assert found["webhook"]["target"] == "http://127.0.0.1:%d/..." % receiver.server.server_address[1]
+        assert found["webhook"]["target"] == "http://127.0.0.1:%d/..." % receiver.port
         [(headers, body, _)] = receiver.for_run(run_id)
         assert signature_verifies(headers, body) and headers["X-Nfapi-Delivery"] == str(found["webhook"]["id"])
         message = json.loads(body)
