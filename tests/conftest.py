@@ -1,5 +1,6 @@
 """Test harness: the real server (and later the real worker) as subprocesses, spoken to over HTTP."""
 
+import contextlib
 import http.client
 import http.server
 import json
@@ -7,6 +8,7 @@ import re
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -251,6 +253,25 @@ def server(tmp_path):
 @pytest.fixture
 def api(server):
     return server.client()
+
+
+@contextlib.contextmanager
+def old_database(tmp_path, version):
+    """The data folder's database as a nfapi with only the first `version` migrations left it, open for the
+    test to write that nfapi's rows; committed and closed at the end of the `with` block."""
+    import nfapi
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    db = sqlite3.connect(str(data / "nfapi.sqlite3"))
+    try:
+        for script in nfapi.MIGRATIONS[:version]:
+            for statement in nfapi.sql_statements(script):
+                db.execute(statement)
+        db.execute("PRAGMA user_version = %d" % version)
+        yield db
+        db.commit()
+    finally:
+        db.close()
 
 
 FAKE_NEXTFLOW = os.path.join(ROOT, "tests", "fake_nextflow.py")
