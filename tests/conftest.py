@@ -382,6 +382,12 @@ def ready_workflow(api, name="wf", title="My demo run", reads=2):
     return wid
 
 
+def schedule(api, wid):
+    """Schedule workflow `wid`; return the id of the run it queued."""
+    assert api.post("/api/workflows/%d/schedule" % wid).status == 200
+    return api.get("/api/workflows/%d" % wid).json()["workflow"]["run"]["id"]
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "stand(**settings): configuration settings for the `stand` fixture's server")
 

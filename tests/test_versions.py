@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from conftest import ServerProcess, WorkerProcess, wait_final, wait_for
+from conftest import ServerProcess, WorkerProcess, schedule, wait_final, wait_for
 
 SESSION = "a46afc37-6d46-4bec-885d-01b13dabc8c1"
 COMMIT = "4cdaa36bbf0e8e8d1d5c1d5f3f1c1e5f9a0b1c2d"
@@ -41,11 +41,6 @@ def workflow(api, pipeline, **arguments):
     resp = api.post("/api/workflows/%d/update" % wid, {"nextflow_workflow": pipeline, "nextflow_arguments": arguments})
     assert resp.status == 200, resp
     return wid
-
-
-def schedule(api, wid):
-    assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-    return api.get("/api/workflows/%d" % wid).json()["workflow"]["run"]["id"]
 
 
 def claim(api):

@@ -8,7 +8,7 @@ import subprocess
 import threading
 import time
 
-from conftest import FINAL_STATES, ready_workflow, wait_final
+from conftest import FINAL_STATES, ready_workflow, schedule, wait_final
 
 SLOW_TASKS = {"FAKE_NF_TASK_SECONDS": "1"}
 
@@ -48,8 +48,7 @@ def test_wait_answers_within_a_second_of_the_runs_end(stand):
     stand.worker(env=SLOW_TASKS)
     api = stand.client()
     wid = ready_workflow(api)
-    assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-    run_id = api.get("/api/workflows/%d" % wid).json()["workflow"]["run"]["id"]
+    run_id = schedule(api, wid)
     waiters = [in_thread(get_json, stand.port, stand.token, "/api/workflows/%d?wait=30" % wid),
                in_thread(get_json, stand.port, stand.token, "/api/workflows/%d/runs/%d?wait=30" % (wid, run_id))]
     for waiter in waiters:
@@ -69,8 +68,7 @@ def test_wait_answers_within_a_second_of_the_runs_end(stand):
 def test_wait_answers_at_the_timeout_with_the_current_state(stand):
     api = stand.client()  # no worker: the run stays queued
     wid = ready_workflow(api)
-    assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-    run_id = api.get("/api/workflows/%d" % wid).json()["workflow"]["run"]["id"]
+    run_id = schedule(api, wid)
     waited, status, body = get_json(stand.port, stand.token, "/api/workflows/%d/runs/%d?wait=2" % (wid, run_id))
     assert status == 200 and body["run"]["status"] == "queued"
     assert 2 <= waited < 3.5
@@ -132,8 +130,7 @@ def test_a_curl_loop_ends_within_a_second_of_the_runs_end(stand):
     stand.worker(env=SLOW_TASKS)
     api = stand.client()
     wid = ready_workflow(api)
-    assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-    run_id = api.get("/api/workflows/%d" % wid).json()["workflow"]["run"]["id"]
+    run_id = schedule(api, wid)
     # The loop a user would write: ask with a short wait until the run is no longer queued or running.
     script = """
         until curl -s -H "Authorization: Bearer $TOKEN" "$URL?wait=1" | grep -qE '"status": "(%s)"'; do :; done
