@@ -232,12 +232,25 @@ class ServerProcess:
     def stop(self, sig=signal.SIGTERM):
         stop_process(self.proc, sig, 10)
 
-    def vm_hwm_kb(self):
+    def status_number(self, name):
+        """A number the kernel keeps on the server process in /proc/<pid>/status: VmHWM (kB), Threads..."""
         with open("/proc/%d/status" % self.proc.pid) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(name + ":"):
                     return int(line.split()[1])
-        raise AssertionError("no VmHWM")
+        raise AssertionError("no %s in /proc/%d/status" % (name, self.proc.pid))
+
+    def vm_hwm_kb(self):
+        return self.status_number("VmHWM")
+
+    def threads(self):
+        return self.status_number("Threads")
+
+    def cpu_seconds(self):
+        """The CPU time the server process has used so far, user and system."""
+        with open("/proc/%d/stat" % self.proc.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 @pytest.fixture

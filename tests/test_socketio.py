@@ -153,20 +153,15 @@ def test_a_second_waiting_get_closes_the_session(fast_ping):
 
 def test_the_close_packet_answers_the_waiting_get_with_noop(fast_ping):
     sock = RawSocket(fast_ping)
-    threads = server_threads(fast_ping)
+    threads = fast_ping.threads()
     waiting = fast_ping.client()
     getter = threading.Thread(target=lambda: setattr(getter, "resp", waiting.get(sock.url)))
     getter.start()
-    wait_for(lambda: server_threads(fast_ping) > threads, message="the GET's connection")
+    wait_for(lambda: fast_ping.threads() > threads, message="the GET's connection")
     assert sock.post("1").body == b"ok"
     getter.join()
     assert getter.resp.status == 200 and getter.resp.body == b"6"
     assert sock.get().status == 400
-
-
-def server_threads(server):
-    with open("/proc/%d/status" % server.proc.pid) as f:
-        return int(next(line for line in f if line.startswith("Threads:")).split()[1])
 
 
 def test_bounded_sessions_and_bodies(fast_ping):

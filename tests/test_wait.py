@@ -33,17 +33,6 @@ def in_thread(function, *args):
     return thread
 
 
-def server_cpu_seconds(server):
-    with open("/proc/%d/stat" % server.proc.pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def server_threads(server):
-    with open("/proc/%d/status" % server.proc.pid) as f:
-        return int(next(line for line in f if line.startswith("Threads:")).split()[1])
-
-
 def test_wait_answers_within_a_second_of_the_runs_end(stand):
     stand.worker(env=SLOW_TASKS)
     api = stand.client()
@@ -113,13 +102,13 @@ def test_100_waiting_clients_block_and_burn_no_cpu(stand):
     api = stand.client()  # no worker: nothing changes while they wait
     wid = ready_workflow(api)
     assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-    before = server_cpu_seconds(stand)
+    before = stand.cpu_seconds()
     started = time.monotonic()
     waiters = [in_thread(get_json, stand.port, stand.token, "/api/workflows/%d?wait=3" % wid) for _ in range(100)]
     for waiter in waiters:
         waiter.join()
     elapsed = time.monotonic() - started
-    used = server_cpu_seconds(stand) - before
+    used = stand.cpu_seconds() - before
     print("100 clients waiting %.1f s cost the server %.3f s of CPU" % (elapsed, used))
     assert all(w.result[1] == 200 and w.result[2]["workflow"]["status"] == "queued" for w in waiters)
     assert all(w.result[0] >= 3 for w in waiters)
