@@ -401,6 +401,24 @@ def schedule(api, wid):
     return api.get("/api/workflows/%d" % wid).json()["workflow"]["run"]["id"]
 
 
+def claim_and_confirm(api):
+    """Claim the next run as a worker would and confirm it; return its launch."""
+    resp = api.post("/api/worker/claim", {"worker": "test", "wait": 0})
+    assert resp.status == 200 and resp.json()["run"], resp
+    launch = resp.json()["run"]
+    beat = api.post("/api/worker/heartbeat", {"runs": [{"run_id": launch["run_id"],
+                                                          "claim_secret": launch["claim_secret"]}]})
+    assert beat.status == 200 and beat.json()["gone"] == [], beat
+    return launch
+
+
+def report_finished(api, launch, exit_code=0):
+    """Report a claimed run's end as its worker would."""
+    resp = api.post("/api/workflows/%d/finished" % launch["workflow_id"], {
+        "run_id": launch["run_id"], "claim_secret": launch["claim_secret"], "exit_code": exit_code})
+    assert resp.status == 200, resp
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "stand(**settings): configuration settings for the `stand` fixture's server")
 
