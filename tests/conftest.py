@@ -1,13 +1,17 @@
 """Test harness: the real server (and later the real worker) as subprocesses, spoken to over HTTP."""
 
+import contextlib
 import http.client
+import http.server
 import json
 import re
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
@@ -228,12 +232,25 @@ class ServerProcess:
     def stop(self, sig=signal.SIGTERM):
         stop_process(self.proc, sig, 10)
 
-    def vm_hwm_kb(self):
+    def status_number(self, name):
+        """A number the kernel keeps on the server process in /proc/<pid>/status: VmHWM (kB), Threads..."""
         with open("/proc/%d/status" % self.proc.pid) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(name + ":"):
                     return int(line.split()[1])
-        raise AssertionError("no VmHWM")
+        raise AssertionError("no %s in /proc/%d/status" % (name, self.proc.pid))
+
+    def vm_hwm_kb(self):
+        return self.status_number("VmHWM")
+
+    def threads(self):
+        return self.status_number("Threads")
+
+    def cpu_seconds(self):
+        """The CPU time the server process has used so far, user and system."""
+        with open("/proc/%d/stat" % self.proc.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 @pytest.fixture
@@ -249,6 +266,25 @@ def server(tmp_path):
 @pytest.fixture
 def api(server):
     return server.client()
+
+
+@contextlib.contextmanager
+def old_database(tmp_path, version):
+    """The data folder's database as a nfapi with only the first `version` migrations left it, open for the
+    test to write that nfapi's rows; committed and closed at the end of the `with` block."""
+    import nfapi
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    db = sqlite3.connect(str(data / "nfapi.sqlite3"))
+    try:
+        for script in nfapi.MIGRATIONS[:version]:
+            for statement in nfapi.sql_statements(script):
+                db.execute(statement)
+        db.execute("PRAGMA user_version = %d" % version)
+        yield db
+        db.commit()
+    finally:
+        db.close()
 
 
 FAKE_NEXTFLOW = os.path.join(ROOT, "tests", "fake_nextflow.py")
@@ -359,6 +395,30 @@ def ready_workflow(api, name="wf", title="My demo run", reads=2):
     return wid
 
 
+def schedule(api, wid):
+    """Schedule workflow `wid`; return the id of the run it queued."""
+    assert api.post("/api/workflows/%d/schedule" % wid).status == 200
+    return api.get("/api/workflows/%d" % wid).json()["workflow"]["run"]["id"]
+
+
+def claim_and_confirm(api):
+    """Claim the next run as a worker would and confirm it; return its launch."""
+    resp = api.post("/api/worker/claim", {"worker": "test", "wait": 0})
+    assert resp.status == 200 and resp.json()["run"], resp
+    launch = resp.json()["run"]
+    beat = api.post("/api/worker/heartbeat", {"runs": [{"run_id": launch["run_id"],
+                                                          "claim_secret": launch["claim_secret"]}]})
+    assert beat.status == 200 and beat.json()["gone"] == [], beat
+    return launch
+
+
+def report_finished(api, launch, exit_code=0):
+    """Report a claimed run's end as its worker would."""
+    resp = api.post("/api/workflows/%d/finished" % launch["workflow_id"], {
+        "run_id": launch["run_id"], "claim_secret": launch["claim_secret"], "exit_code": exit_code})
+    assert resp.status == 200, resp
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "stand(**settings): configuration settings for the `stand` fixture's server")
 
@@ -417,3 +477,66 @@ class UnixClient(Client):
     def reconnect(self):
         self.conn.close()
         self.conn = UnixHTTPConnection(self.path, timeout=self.conn.timeout)
+
+
+# ==== Stand-ins that speak HTTP by hand (a squatter on our port, a proxy, a forwarder) ====
+
+def serve_connections(listener, handle):
+    """Accept on `listener` until it is closed, each connection handed to `handle` in a thread of its own."""
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+
+
+def read_request(conn):
+    """One request off `conn`, as a stand-in needs it: (request line, {header: value} as sent, body), or
+    None if the peer closes before its head ends. The body is Content-Length bytes (no chunked bodies)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(next((v for k, v in headers.items() if k.lower() == "content-length"), "0"))
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return lines[0], headers, body
+
+
+class PostReceiver:
+    """An HTTP server on loopback for what is posted to it (webhooks, Nextflow's weblog). A subclass
+    defines `answer(path, headers, body)`: it keeps what it needs and returns the status to reply with."""
+
+    def __init__(self):
+        answer = self.answer
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(answer(self.path, self.headers, body))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

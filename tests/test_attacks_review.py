@@ -12,32 +12,14 @@ import os
 import socket
 import sqlite3
 import stat
-import threading
 import time
 
 import pytest
 
-from conftest import (ServerProcess, WorkerProcess, processes_with_marker, ready_workflow, wait_final, wait_for,
-                      write_config)
+from conftest import (ServerProcess, WorkerProcess, claim_and_confirm, processes_with_marker, read_request,
+                      ready_workflow, report_finished, serve_connections, wait_final, wait_for, write_config)
 
 READER = "reader-token-for-the-review"
-
-
-def claim(api):
-    """Claim the next run as a worker would and confirm it; return its launch."""
-    resp = api.post("/api/worker/claim", {"worker": "review", "wait": 0})
-    assert resp.status == 200 and resp.json()["run"], resp
-    launch = resp.json()["run"]
-    beat = api.post("/api/worker/heartbeat", {"runs": [{"run_id": launch["run_id"],
-                                                          "claim_secret": launch["claim_secret"]}]})
-    assert beat.status == 200 and beat.json()["gone"] == [], beat
-    return launch
-
-
-def finish(api, launch, exit_code=0):
-    resp = api.post("/api/workflows/%d/finished" % launch["workflow_id"], {
-        "run_id": launch["run_id"], "claim_secret": launch["claim_secret"], "exit_code": exit_code})
-    assert resp.status == 200, resp
 
 
 def run_secret(server, run_id):
@@ -97,32 +79,17 @@ class Squatter:
                 time.sleep(0.01)
         self.sock.listen(16)
         self.given = False
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+        serve_connections(self.sock, self.answer)
 
     def answer(self, conn):
         with conn:
             conn.settimeout(10)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, body = data.partition(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-            while len(body) < int(headers.get("content-length", "0")):
-                body += conn.recv(65536)
-            self.requests.append((lines[0], headers))
-            path = lines[0].split()[1]
+            request = read_request(conn)
+            if request is None:
+                return
+            line, headers, _ = request
+            self.requests.append((line, {k.lower(): v for k, v in headers.items()}))
+            path = line.split()[1]
             if path.endswith("/api/worker/claim"):
                 answer, self.given = {"run": None if self.given else self.launch}, True
             elif path.endswith("/api/worker/heartbeat"):
@@ -240,15 +207,15 @@ def test_hole_a_weblog_secret_picks_the_commit_and_nextflow_version_a_relaunch_r
         assert api.post("/api/workflows/%d/update" % wid, {"nextflow_workflow": "remote",
                                                             "nextflow_arguments": {"input": "in.txt"}}).status == 200
         assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-        launch = claim(api)
+        launch = claim_and_confirm(api)
         secret = run_secret(server, launch["run_id"])
         ran = "4cdaa36bbf0e8e8d1d5c1d5f3f1c1e5f9a0b1c2d"
         assert weblog_post(api, wid, launch["run_id"], secret, started(ran, "24.10.4")).status == 200  # Nextflow
         forged = "0000000000000000000000000000000000000bad"
         assert weblog_post(api, wid, launch["run_id"], secret, started(forged, "22.10.0")).status == 200  # attacker
-        finish(api, launch)
+        report_finished(api, launch)
         assert api.post("/api/workflows/%d/runs/%d/relaunch" % (wid, launch["run_id"])).status == 200
-        again = claim(api)
+        again = claim_and_confirm(api)
         revision = again["argv"][again["argv"].index("-r") + 1]
         assert (revision, again["nextflow_version"]) == (ran, "24.10.4"), (
             "the relaunch runs commit %s on Nextflow %s, as a forged weblog post said" % (revision,
@@ -404,7 +371,7 @@ def test_hole_logs_and_reports_follow_a_symlinked_launch_or_run_folder(tmp_path)
         api = server.client()
         wid = ready_workflow(api)
         assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-        launch = claim(api)  # running; nothing has made its folders yet
+        launch = claim_and_confirm(api)  # running; nothing has made its folders yet
         outside = tmp_path / "outside"
         outside.mkdir()
         for name in (".nextflow.log", "console.log", "report.html", "trace.txt"):
@@ -447,8 +414,8 @@ def test_hole_a_line_separator_in_a_workflow_name_stops_the_runs_email(tmp_path)
         wid = api.create("nightly\u2028report")
         assert api.post("/api/workflows/%d/update" % wid, {"nextflow_workflow": "local"}).status == 200
         assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-        launch = claim(api)
-        finish(api, launch)
+        launch = claim_and_confirm(api)
+        report_finished(api, launch)
         path = "/api/workflows/%d/runs/%d/notifications" % (wid, launch["run_id"])
         wait_for(lambda: all(n["status"] != "pending" for n in api.get(path).json()["notifications"]),
                  message="the e-mail's attempts")
@@ -472,7 +439,7 @@ def test_hole_a_weblog_secret_grows_the_unpaged_processes_view_without_bound(tmp
         api = server.client()
         wid = ready_workflow(api)
         assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-        launch = claim(api)
+        launch = claim_and_confirm(api)
         secret, run_id = run_secret(server, launch["run_id"]), launch["run_id"]
         for task_id in range(1, 1501):
             trace = {"task_id": task_id, "status": "SUBMITTED", "process": ("%d" % task_id + "P" * 4096)[:4096]}

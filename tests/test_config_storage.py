@@ -11,7 +11,7 @@ import sysconfig
 
 import pytest
 
-from conftest import PYTHON, ROOT, ServerProcess
+from conftest import PYTHON, ROOT, ServerProcess, old_database
 
 
 def start_with_config(tmp_path, text):
@@ -132,22 +132,15 @@ def test_runtime_imports_only_the_standard_library(name):
 
 def test_an_old_database_is_migrated(tmp_path):
     import nfapi
-    data = tmp_path / "data"
-    data.mkdir(mode=0o700)
-    conn = sqlite3.connect(str(data / "nfapi.sqlite3"))
-    for statement in nfapi.MIGRATIONS[0].split(";"):
-        conn.execute(statement)
-    conn.execute("INSERT INTO workflows (name, created_at) VALUES ('from version 1', 0)")
-    conn.execute("PRAGMA user_version = 1")
-    conn.commit()
-    conn.close()
+    with old_database(tmp_path, 1) as conn:
+        conn.execute("INSERT INTO workflows (name, created_at) VALUES ('from version 1', 0)")
     srv = ServerProcess(tmp_path).start()
     try:
         wf = srv.client().get("/api/workflows/1").json()["workflow"]
         assert wf["name"] == "from version 1" and wf["run"] is None
     finally:
         srv.stop()
-    conn = sqlite3.connect(str(data / "nfapi.sqlite3"))
+    conn = sqlite3.connect(str(tmp_path / "data" / "nfapi.sqlite3"))
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(nfapi.MIGRATIONS)
     assert conn.execute("SELECT count(*) FROM tasks").fetchone()[0] == 0
     conn.close()

@@ -214,11 +214,6 @@ def test_schedule_path_checks_never_look_outside(api, race):
 
 # ==== FIFOs and symlinks ====
 
-def server_threads(server):
-    with open("/proc/%d/status" % server.proc.pid) as f:
-        return int(next(line for line in f if line.startswith("Threads:")).split()[1])
-
-
 def raw_get(server, path, timeout):
     """The status of a GET, or None when no answer came within `timeout` seconds."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
@@ -239,7 +234,7 @@ def test_fifo_downloads_answer_at_once(api, server):
     os.mkfifo(os.path.join(root, "pipe"))
     api.upload(wid, "a.txt", b"kept", directory="folder")
     os.mkfifo(os.path.join(root, "folder", "pipe"))
-    baseline = server_threads(server)
+    baseline = server.threads()
     answers = [None] * 10
 
     def download(i):
@@ -251,7 +246,7 @@ def test_fifo_downloads_answer_at_once(api, server):
         t.join()
     print("FIFO downloads answered: %s" % answers)
     assert all(status is not None and 400 <= status < 500 for status in answers), answers
-    wait_for(lambda: server_threads(server) <= baseline, timeout=5, message="no server thread left stuck")
+    wait_for(lambda: server.threads() <= baseline, timeout=5, message="no server thread left stuck")
     # A folder holding a FIFO still downloads whole, without it.
     for fmt in ("zip", "tar.gz"):
         assert raw_get(server, "/api/workflows/%d/download?path=folder&format=%s" % (wid, fmt), timeout=5) == 200

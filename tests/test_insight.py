@@ -4,14 +4,13 @@ and process used, Nextflow's own report, timeline and trace, and whether any wor
 import json
 import os
 import socket
-import sqlite3
 import statistics
 import time
 import urllib.parse
 
 import pytest
 
-from conftest import FINAL_STATES, ServerProcess, ready_workflow, wait_final, wait_for, weblog_target
+from conftest import FINAL_STATES, ServerProcess, old_database, ready_workflow, wait_final, wait_for, weblog_target
 
 LOG_CHUNK = 1024 * 1024  # nfapi.LOG_CHUNK_BYTES: one answer of a task file, as of the run log
 FAILING_LINES = "fake task COUNT_LINES (1): starting\nERROR: fake failure (FAKE_NF_FAIL)"  # tests/fake_nextflow.py
@@ -346,22 +345,14 @@ def test_claims_describe_their_worker(server, api):
 
 
 def test_a_database_from_before_gets_its_process_view(tmp_path):
-    import nfapi
-    data = tmp_path / "data"
-    data.mkdir(mode=0o700)
-    db = sqlite3.connect(str(data / "nfapi.sqlite3"))
-    for script in nfapi.MIGRATIONS[:4]:
-        for statement in nfapi.sql_statements(script):
-            db.execute(statement)
-    db.execute("PRAGMA user_version = 4")
-    db.execute("INSERT INTO workflows (name, created_at) VALUES ('old', 0)")
-    db.execute("INSERT INTO runs (workflow_id, status, pipeline, arguments, secret, created_at) "
-               "VALUES (1, 'failed', 'Hello World (Local)', '{}', 's', 0)")
-    for task_id, process, status in ((1, "B", "COMPLETED"), (2, "A", "FAILED"), (3, "B", "RUNNING")):
-        db.execute("INSERT INTO tasks (run_id, task_id, process, status, submit, complete) VALUES (1, ?, ?, ?, 1000, ?)",
-                   (task_id, process, status, 1500 if status != "RUNNING" else None))
-    db.commit()
-    db.close()
+    with old_database(tmp_path, 4) as db:
+        db.execute("INSERT INTO workflows (name, created_at) VALUES ('old', 0)")
+        db.execute("INSERT INTO runs (workflow_id, status, pipeline, arguments, secret, created_at) "
+                   "VALUES (1, 'failed', 'Hello World (Local)', '{}', 's', 0)")
+        for task_id, process, status in ((1, "B", "COMPLETED"), (2, "A", "FAILED"), (3, "B", "RUNNING")):
+            db.execute("INSERT INTO tasks (run_id, task_id, process, status, submit, complete) "
+                       "VALUES (1, ?, ?, ?, 1000, ?)",
+                       (task_id, process, status, 1500 if status != "RUNNING" else None))
     srv = ServerProcess(tmp_path).start()
     try:
         api = srv.client()

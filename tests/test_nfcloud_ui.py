@@ -5,14 +5,13 @@ listed in cors_origins, Host localhost:3001), and once over TCP with the token.
 """
 
 import json
-import threading
 import time
 import urllib.parse
 
 import pytest
 
 from conftest import ServerProcess, UnixClient, WorkerProcess, multipart_body, write_config
-from test_socketio import PATH, SEPARATOR, events
+from test_socketio import PATH, SEPARATOR, events, follow_with_python_socketio
 
 UI_ORIGIN = "http://localhost:3000"
 UI_HEADERS = {"Origin": UI_ORIGIN, "Host": "localhost:3001"}
@@ -115,25 +114,10 @@ def test_the_ui_over_the_unix_socket_without_a_token(stand):
 
 
 def test_the_ui_over_tcp_with_the_token_and_python_socketio(stand):
-    socketio = pytest.importorskip("socketio")
-    requests = pytest.importorskip("requests")
     ui = UI(stand.client(), {"Origin": UI_ORIGIN})
     wid = ui.create("nf-cloud")
 
     def follow(schedule):
-        received, finished = [], threading.Event()
-        session = requests.Session()
-        session.headers["Authorization"] = "Bearer " + stand.token
-        client = socketio.Client(reconnection=False, http_session=session)
-        client.on("new-progress", lambda data: received.append(data))
-        client.on("finished-workflow", lambda data: finished.set())
-        client.connect(stand.url, headers={"Authorization": "Bearer " + stand.token}, transports=["polling"])
-        try:
-            client.call("join", {"room": "workflow%d" % wid}, timeout=10)
-            assert schedule() is True
-            assert finished.wait(30), received
-        finally:
-            client.disconnect()
-        return received
+        return follow_with_python_socketio(stand, wid, schedule)
 
     replay(ui, wid, follow)

@@ -6,7 +6,6 @@ import email
 import email.policy
 import hashlib
 import hmac
-import http.server
 import json
 import os
 import signal
@@ -16,12 +15,12 @@ import threading
 import pytest
 from aiosmtpd.controller import Controller
 
-from conftest import ServerProcess, wait_for
+from conftest import PostReceiver, ServerProcess, claim_and_confirm, report_finished, wait_for
 
 SECRET = "webhook-secret"
 
 
-class Receiver:
+class Receiver(PostReceiver):
     """A webhook receiver: records every POST and answers the statuses of `answers` in turn, then 200.
     While `hold` is clear it keeps each request waiting."""
 
@@ -31,33 +30,22 @@ class Receiver:
         self.answers = []
         self.hold = threading.Event()
         self.hold.set()
-        receiver = self
+        super().__init__()
+        self.url = "http://127.0.0.1:%d/hooks/T0001/B0002?key=chat-secret" % self.port
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.arrived += 1
-                receiver.hold.wait(30)
-                status = receiver.answers.pop(0) if receiver.answers else 200
-                receiver.requests.append((self.headers, body, status))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = "http://127.0.0.1:%d/hooks/T0001/B0002?key=chat-secret" % self.server.server_address[1]
+    def answer(self, path, headers, body):
+        self.arrived += 1
+        self.hold.wait(30)
+        status = self.answers.pop(0) if self.answers else 200
+        self.requests.append((headers, body, status))
+        return status
 
     def for_run(self, run_id):
         return [r for r in self.requests if json.loads(r[1])["run"]["id"] == run_id]
 
     def close(self):
         self.hold.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 class Sink:
@@ -145,18 +133,6 @@ def scheduled(api, pipeline="local", notify_email=None, name="notified"):
     return wid, api.get("/api/workflows/%d" % wid).json()["workflow"]["run"]["id"]
 
 
-def claim(api):
-    launch = api.post("/api/worker/claim", {"worker": "test", "wait": 0}).json()["run"]
-    assert api.post("/api/worker/heartbeat", {"runs": [
-        {"run_id": launch["run_id"], "claim_secret": launch["claim_secret"]}]}).json()["gone"] == []
-    return launch
-
-
-def finish(api, launch, exit_code=0):
-    return api.post("/api/workflows/%d/finished" % launch["workflow_id"], {
-        "run_id": launch["run_id"], "claim_secret": launch["claim_secret"], "exit_code": exit_code})
-
-
 def notifications(api, wid, run_id):
     resp = api.get("/api/workflows/%d/runs/%d/notifications" % (wid, run_id))
     assert resp.status == 200, resp
@@ -184,12 +160,12 @@ def test_every_way_a_run_ends_notifies_exactly_once(tmp_path, start, receiver, s
     srv = start(config)
     api = srv.client()
     finished_wf, finished = scheduled(api, notify_email=["ada@example.org", "team@example.org"])
-    launch = claim(api)
-    assert finish(api, launch, exit_code=1).status == 200
+    launch = claim_and_confirm(api)
+    report_finished(api, launch, exit_code=1)
     cancelled_wf, cancelled = scheduled(api)
     assert api.post("/api/workflows/%d/cancel" % cancelled_wf).status == 200
     lost_wf, lost = scheduled(api)
-    claim(api)  # and no heartbeat after: the lease (2 s) runs out
+    claim_and_confirm(api)  # and no heartbeat after: the lease (2 s) runs out
     gone_wf, gone = scheduled(api, pipeline="gone")
     wait_for(lambda: api.get("/api/workflows/%d" % lost_wf).json()["workflow"]["status"] == "lost", timeout=15)
     srv.stop()
@@ -203,7 +179,7 @@ def test_every_way_a_run_ends_notifies_exactly_once(tmp_path, start, receiver, s
     for run_id, (wid, status) in expected.items():
         found = delivered(api, wid, run_id)
         assert found["webhook"]["attempts"] == found["email"]["attempts"] == 1  # so nothing more will come
-        assert found["webhook"]["target"] == "http://127.0.0.1:%d/..." % receiver.server.server_address[1]
+        assert found["webhook"]["target"] == "http://127.0.0.1:%d/..." % receiver.port
         [(headers, body, _)] = receiver.for_run(run_id)
         assert signature_verifies(headers, body) and headers["X-Nfapi-Delivery"] == str(found["webhook"]["id"])
         message = json.loads(body)
@@ -227,7 +203,7 @@ def test_a_restart_in_the_middle_of_the_retries_neither_loses_nor_repeats(tmp_pa
     srv = start(write_config(tmp_path, notify_both(receiver, sink, waits=(1.5,) * 4)))
     api = srv.client()
     wid, run_id = scheduled(api)
-    assert finish(api, claim(api)).status == 200
+    report_finished(api, claim_and_confirm(api))
 
     def first_attempt_failed():
         found = notifications(api, wid, run_id)
@@ -251,11 +227,11 @@ def test_a_receiver_that_hangs_holds_up_no_request(tmp_path, start, receiver, si
     srv = start(write_config(tmp_path, notify_both(receiver, sink)))
     api = srv.client()
     wid, run_id = scheduled(api)
-    assert finish(api, claim(api)).status == 200
+    report_finished(api, claim_and_confirm(api))
     wait_for(lambda: receiver.arrived == 1, message="the webhook to be posted")
     # The receiver still holds that POST: the server answers, queues and ends other runs meanwhile.
     other_wid, other = scheduled(api)
-    assert finish(api, claim(api)).status == 200
+    report_finished(api, claim_and_confirm(api))
     assert api.get("/api/workflows/%d" % other_wid).json()["workflow"]["status"] == "succeeded"
     assert receiver.requests == []
     receiver.hold.set()
@@ -277,7 +253,7 @@ def test_gives_up_after_the_last_retry_and_sendmail_gets_a_fixed_command_line(tm
     api = srv.client()
     # sendmail -t takes its recipients from the headers: a line break in the name must not add one.
     wid, run_id = scheduled(api, notify_email=["ada@example.org"], name="évaluation\r\nBcc: eve@example.org")
-    assert finish(api, claim(api)).status == 200
+    report_finished(api, claim_and_confirm(api))
     wait_for(lambda: notifications(api, wid, run_id)["webhook"]["status"] == "failed", timeout=10)
     found = notifications(api, wid, run_id)
     assert found["webhook"]["attempts"] == 3 and len(receiver.requests) == 3  # one try, then one per wait

@@ -4,20 +4,18 @@ are Groovy literals that no data folder path can break. Nextflow before 23.10 (n
 secret in the config's weblog URL. And the stand-in reads such configs the way Nextflow does."""
 
 import base64
-import http.server
 import json
 import os
 import sqlite3
 import stat
 import subprocess
-import threading
 
 import pytest
 
 import fake_nextflow
 import nfapi
-from conftest import (FAKE_NEXTFLOW, PYTHON, ServerProcess, WorkerProcess, processes_with_marker, ready_workflow,
-                      wait_final, wait_for, write_config)
+from conftest import (FAKE_NEXTFLOW, PYTHON, PostReceiver, ServerProcess, WorkerProcess, processes_with_marker,
+                      ready_workflow, wait_final, wait_for, write_config)
 
 TRACE_FIELDS = ("task_id,hash,native_id,process,tag,name,status,exit,attempt,submit,start,complete,duration,realtime,"
                 "%cpu,%mem,peak_rss,peak_vmem,rchar,wchar,read_bytes,write_bytes,cpus,memory,time,disk,queue,"
@@ -171,31 +169,17 @@ def test_a_data_folder_path_with_quotes_backslashes_dollars_and_newlines(tmp_pat
 
 # ==== The stand-in speaks the config as Nextflow does ====
 
-class Receiver:
+class Receiver(PostReceiver):
     """A weblog receiver on loopback that keeps each post: (path, headers, JSON body)."""
 
     def __init__(self):
-        posts = self.posts = []
+        self.posts = []
+        super().__init__()
+        self.url = "http://127.0.0.1:%d" % self.port
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                posts.append((self.path, dict(self.headers), json.loads(body)))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = "http://127.0.0.1:%d" % self.server.server_port
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, path, headers, body):
+        self.posts.append((path, dict(headers), json.loads(body)))
+        return 200
 
 
 @pytest.fixture

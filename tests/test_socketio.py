@@ -153,20 +153,15 @@ def test_a_second_waiting_get_closes_the_session(fast_ping):
 
 def test_the_close_packet_answers_the_waiting_get_with_noop(fast_ping):
     sock = RawSocket(fast_ping)
-    threads = server_threads(fast_ping)
+    threads = fast_ping.threads()
     waiting = fast_ping.client()
     getter = threading.Thread(target=lambda: setattr(getter, "resp", waiting.get(sock.url)))
     getter.start()
-    wait_for(lambda: server_threads(fast_ping) > threads, message="the GET's connection")
+    wait_for(lambda: fast_ping.threads() > threads, message="the GET's connection")
     assert sock.post("1").body == b"ok"
     getter.join()
     assert getter.resp.status == 200 and getter.resp.body == b"6"
     assert sock.get().status == 400
-
-
-def server_threads(server):
-    with open("/proc/%d/status" % server.proc.pid) as f:
-        return int(next(line for line in f if line.startswith("Threads:")).split()[1])
 
 
 def test_bounded_sessions_and_bodies(fast_ping):
@@ -188,29 +183,37 @@ def test_at_most_1000_sessions(server):
     assert statuses.count(200) == 1000 and statuses[-1] == 503, statuses[-3:]
 
 
-def test_python_socketio_client_in_polling_mode(stand):
+def follow_with_python_socketio(server, wid, schedule):
+    """The real python-socketio client in polling mode, joined to workflow `wid`'s room: call `schedule`
+    (it must answer True) and return the new-progress events received until finished-workflow."""
     socketio = pytest.importorskip("socketio")
     requests = pytest.importorskip("requests")
-    api = stand.client()
-    wid = ready_workflow(api)
-    stand.worker()
     received, finished = [], threading.Event()
     # python-engineio sends connect(headers=...) with the handshake only; every request needs the
     # token here, so its HTTP session carries it.
     session = requests.Session()
-    session.headers["Authorization"] = "Bearer " + stand.token
+    session.headers["Authorization"] = "Bearer " + server.token
     client = socketio.Client(reconnection=False, http_session=session)
     client.on("new-progress", lambda data: received.append(data))
     client.on("finished-workflow", lambda data: finished.set())
-    client.connect(stand.url, headers={"Authorization": "Bearer " + stand.token}, transports=["polling"])
+    client.connect(server.url, headers={"Authorization": "Bearer " + server.token}, transports=["polling"])
     try:
         assert client.transport() == "polling"
         client.call("join", {"room": "workflow%d" % wid}, timeout=10)  # acknowledged once joined
-        assert api.post("/api/workflows/%d/schedule" % wid).status == 200
+        assert schedule() is True
         assert finished.wait(30), received
-        assert received[-1] == {"submitted_processes": 2, "completed_processes": 2}
     finally:
         client.disconnect()
+    return received
+
+
+def test_python_socketio_client_in_polling_mode(stand):
+    api = stand.client()
+    wid = ready_workflow(api)
+    stand.worker()
+    received = follow_with_python_socketio(
+        stand, wid, lambda: api.post("/api/workflows/%d/schedule" % wid).status == 200)
+    assert received[-1] == {"submitted_processes": 2, "completed_processes": 2}
     assert "Traceback" not in stand.output()
 
 

@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-from conftest import (CONFIG, PYTHON, ROOT, ServerProcess, UnixClient, WorkerProcess, ready_workflow, wait_final,
-                      wait_for, write_config)
+from conftest import (CONFIG, PYTHON, ROOT, ServerProcess, UnixClient, WorkerProcess, ready_workflow,
+                      serve_connections, wait_final, wait_for, write_config)
 from test_ui import Page, browser  # noqa: F401 (a fixture)
 
 UI_ORIGIN = "http://localhost:3000"
@@ -188,18 +188,13 @@ class Forward:
         self.path = path
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = "http://localhost:%d" % self.listener.getsockname()[1]
-        threading.Thread(target=self.accept, daemon=True).start()
+        serve_connections(self.listener, self.connect)
 
-    def accept(self):
-        while True:
-            try:
-                near, _ = self.listener.accept()
-            except OSError:
-                return
-            far = socket.socket(socket.AF_UNIX)
-            far.connect(self.path)
-            for source, sink in ((near, far), (far, near)):
-                threading.Thread(target=self.pump, args=(source, sink), daemon=True).start()
+    def connect(self, near):
+        far = socket.socket(socket.AF_UNIX)
+        far.connect(self.path)
+        for source, sink in ((near, far), (far, near)):
+            threading.Thread(target=self.pump, args=(source, sink), daemon=True).start()
 
     @staticmethod
     def pump(source, sink):

@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from conftest import ServerProcess, WorkerProcess, wait_final, wait_for
+from conftest import ServerProcess, WorkerProcess, claim_and_confirm, report_finished, schedule, wait_final, wait_for
 
 SESSION = "a46afc37-6d46-4bec-885d-01b13dabc8c1"
 COMMIT = "4cdaa36bbf0e8e8d1d5c1d5f3f1c1e5f9a0b1c2d"
@@ -41,24 +41,6 @@ def workflow(api, pipeline, **arguments):
     resp = api.post("/api/workflows/%d/update" % wid, {"nextflow_workflow": pipeline, "nextflow_arguments": arguments})
     assert resp.status == 200, resp
     return wid
-
-
-def schedule(api, wid):
-    assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-    return api.get("/api/workflows/%d" % wid).json()["workflow"]["run"]["id"]
-
-
-def claim(api):
-    launch = api.post("/api/worker/claim", {"worker": "test", "wait": 0}).json()["run"]
-    claim = {"run_id": launch["run_id"], "claim_secret": launch["claim_secret"]}
-    assert api.post("/api/worker/heartbeat", {"runs": [claim]}).json()["gone"] == []
-    return launch
-
-
-def finish(api, launch, exit_code=0):
-    resp = api.post("/api/workflows/%d/finished" % launch["workflow_id"], {
-        "run_id": launch["run_id"], "claim_secret": launch["claim_secret"], "exit_code": exit_code})
-    assert resp.status == 200, resp
 
 
 def post_started(server, api, wid, run_id, workflow_metadata):
@@ -136,7 +118,7 @@ def test_started_records_what_ran_and_only_well_formed_values(server):
     assert api.upload(wid, "in.txt", b"x").status == 200
     api.post("/api/workflows/%d/update" % wid, {"nextflow_arguments": {"input": "in.txt"}})
     run_id = schedule(api, wid)
-    launch = claim(api)
+    launch = claim_and_confirm(api)
     assert launch["argv"][launch["argv"].index("-r") + 1] == "v1" and launch["nextflow_version"] is None
     post_started(server, api, wid, run_id, {"nextflow": {"version": "24.10.4 $(id)", "build": 5934},
                                             "commitId": "--upload-pack=evil", "revision": "v1"})
@@ -146,7 +128,7 @@ def test_started_records_what_ran_and_only_well_formed_values(server):
                                             "commitId": COMMIT, "revision": "v1"})
     run = run_of(api, wid, run_id)
     assert (run["nextflow_version"], run["commit_id"], run["revision"]) == ("24.10.4", COMMIT, "v1")
-    finish(api, launch)
+    report_finished(api, launch)
 
 
 def test_relaunch_repeats_the_run_exactly(server):
@@ -158,9 +140,9 @@ def test_relaunch_repeats_the_run_exactly(server):
         assert api.upload(wid, name, b"x").status == 200
     api.post("/api/workflows/%d/update" % wid, {"nextflow_arguments": {"input": "a.txt", "n": 1}})
     first = schedule(api, wid)
-    launch = claim(api)
+    launch = claim_and_confirm(api)
     post_started(server, api, wid, first, {"nextflow": {"version": "24.10.4"}, "commitId": COMMIT})
-    finish(api, launch)
+    report_finished(api, launch)
     api.post("/api/workflows/%d/update" % wid, {"nextflow_arguments": {"input": "b.txt", "n": 5}})
 
     resp = api.post("/api/workflows/%d/runs/%d/relaunch" % (wid, first))
@@ -169,20 +151,20 @@ def test_relaunch_repeats_the_run_exactly(server):
     assert (run["status"], run["pipeline"], run["revision"], run["pinned_nextflow_version"], run["resume"]) == \
         ("queued", "remote", COMMIT, "24.10.4", False)
     assert api.post("/api/workflows/%d/runs/%d/relaunch" % (wid, first)).status == 409
-    again = claim(api)
+    again = claim_and_confirm(api)
     assert again["run_id"] == run["id"] and again["params"] == launch["params"]
     assert again["argv"][again["argv"].index("-r") + 1] == COMMIT and again["nextflow_version"] == "24.10.4"
     assert "-resume" not in again["argv"]
-    finish(api, again, exit_code=1)
+    report_finished(api, again, exit_code=1)
 
     # -resume takes the session of the run relaunched; a run that never reported one cannot resume.
     resp = api.post("/api/workflows/%d/runs/%d/relaunch" % (wid, run["id"]), {"resume": True})
     assert resp.status == 422 and "resume" in resp.json()["errors"]
     resp = api.post("/api/workflows/%d/runs/%d/relaunch" % (wid, first), {"resume": True})
     assert resp.status == 200 and resp.json()["run"]["resume"] is True
-    resumed = claim(api)
+    resumed = claim_and_confirm(api)
     assert resumed["argv"][resumed["argv"].index("-resume") + 1] == SESSION
-    finish(api, resumed)
+    report_finished(api, resumed)
 
 
 def test_relaunch_checks_the_files_and_the_pipeline_again(server, tmp_path):
@@ -191,7 +173,7 @@ def test_relaunch_checks_the_files_and_the_pipeline_again(server, tmp_path):
     assert api.upload(wid, "a.txt", b"x").status == 200
     api.post("/api/workflows/%d/update" % wid, {"nextflow_arguments": {"input": "a.txt"}})
     first = schedule(api, wid)
-    finish(api, claim(api))
+    report_finished(api, claim_and_confirm(api))
     assert api.post("/api/workflows/%d/runs/99/relaunch" % wid).status == 404
     assert api.post("/api/workflows/%d/delete-path" % wid, {"path": "a.txt"}).status == 200
     resp = api.post("/api/workflows/%d/runs/%d/relaunch" % (wid, first))

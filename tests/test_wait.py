@@ -8,7 +8,7 @@ import subprocess
 import threading
 import time
 
-from conftest import FINAL_STATES, ready_workflow, wait_final
+from conftest import FINAL_STATES, ready_workflow, schedule, wait_final
 
 SLOW_TASKS = {"FAKE_NF_TASK_SECONDS": "1"}
 
@@ -33,23 +33,11 @@ def in_thread(function, *args):
     return thread
 
 
-def server_cpu_seconds(server):
-    with open("/proc/%d/stat" % server.proc.pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def server_threads(server):
-    with open("/proc/%d/status" % server.proc.pid) as f:
-        return int(next(line for line in f if line.startswith("Threads:")).split()[1])
-
-
 def test_wait_answers_within_a_second_of_the_runs_end(stand):
     stand.worker(env=SLOW_TASKS)
     api = stand.client()
     wid = ready_workflow(api)
-    assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-    run_id = api.get("/api/workflows/%d" % wid).json()["workflow"]["run"]["id"]
+    run_id = schedule(api, wid)
     waiters = [in_thread(get_json, stand.port, stand.token, "/api/workflows/%d?wait=30" % wid),
                in_thread(get_json, stand.port, stand.token, "/api/workflows/%d/runs/%d?wait=30" % (wid, run_id))]
     for waiter in waiters:
@@ -69,8 +57,7 @@ def test_wait_answers_within_a_second_of_the_runs_end(stand):
 def test_wait_answers_at_the_timeout_with_the_current_state(stand):
     api = stand.client()  # no worker: the run stays queued
     wid = ready_workflow(api)
-    assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-    run_id = api.get("/api/workflows/%d" % wid).json()["workflow"]["run"]["id"]
+    run_id = schedule(api, wid)
     waited, status, body = get_json(stand.port, stand.token, "/api/workflows/%d/runs/%d?wait=2" % (wid, run_id))
     assert status == 200 and body["run"]["status"] == "queued"
     assert 2 <= waited < 3.5
@@ -115,13 +102,13 @@ def test_100_waiting_clients_block_and_burn_no_cpu(stand):
     api = stand.client()  # no worker: nothing changes while they wait
     wid = ready_workflow(api)
     assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-    before = server_cpu_seconds(stand)
+    before = stand.cpu_seconds()
     started = time.monotonic()
     waiters = [in_thread(get_json, stand.port, stand.token, "/api/workflows/%d?wait=3" % wid) for _ in range(100)]
     for waiter in waiters:
         waiter.join()
     elapsed = time.monotonic() - started
-    used = server_cpu_seconds(stand) - before
+    used = stand.cpu_seconds() - before
     print("100 clients waiting %.1f s cost the server %.3f s of CPU" % (elapsed, used))
     assert all(w.result[1] == 200 and w.result[2]["workflow"]["status"] == "queued" for w in waiters)
     assert all(w.result[0] >= 3 for w in waiters)
@@ -132,8 +119,7 @@ def test_a_curl_loop_ends_within_a_second_of_the_runs_end(stand):
     stand.worker(env=SLOW_TASKS)
     api = stand.client()
     wid = ready_workflow(api)
-    assert api.post("/api/workflows/%d/schedule" % wid).status == 200
-    run_id = api.get("/api/workflows/%d" % wid).json()["workflow"]["run"]["id"]
+    run_id = schedule(api, wid)
     # The loop a user would write: ask with a short wait until the run is no longer queued or running.
     script = """
         until curl -s -H "Authorization: Bearer $TOKEN" "$URL?wait=1" | grep -qE '"status": "(%s)"'; do :; done

@@ -11,7 +11,8 @@ import urllib.parse
 
 import pytest
 
-from conftest import ServerProcess, ready_workflow, recorded_weblog_target, wait_final, wait_for, weblog_target
+from conftest import (ServerProcess, old_database, ready_workflow, recorded_weblog_target, wait_final, wait_for,
+                      weblog_target)
 
 LOG_CHUNK = 1024 * 1024  # nfapi.LOG_CHUNK_BYTES: one answer of the log endpoint
 
@@ -93,20 +94,11 @@ def test_the_worker_refuses_a_resume_session_that_is_not_a_uuid(stand):
 
 
 def test_a_database_from_before_the_fix_forgets_forged_sessions(tmp_path):
-    import nfapi
-    data = tmp_path / "data"
-    data.mkdir(mode=0o700)
-    db = sqlite3.connect(str(data / "nfapi.sqlite3"))
-    for script in nfapi.MIGRATIONS[:3]:
-        for statement in nfapi.sql_statements(script):
-            db.execute(statement)
-    db.execute("PRAGMA user_version = 3")
-    db.execute("INSERT INTO workflows (name, created_at) VALUES ('old', 0)")
-    for session in ("a46afc37-6d46-4bec-885d-01b13dabc8c1", "--outdir=/elsewhere"):
-        db.execute("INSERT INTO runs (workflow_id, status, pipeline, arguments, secret, created_at, session_id) "
-                   "VALUES (1, 'succeeded', 'Hello World (Local)', '{}', 's', 0, ?)", (session,))
-    db.commit()
-    db.close()
+    with old_database(tmp_path, 3) as db:
+        db.execute("INSERT INTO workflows (name, created_at) VALUES ('old', 0)")
+        for session in ("a46afc37-6d46-4bec-885d-01b13dabc8c1", "--outdir=/elsewhere"):
+            db.execute("INSERT INTO runs (workflow_id, status, pipeline, arguments, secret, created_at, session_id) "
+                       "VALUES (1, 'succeeded', 'Hello World (Local)', '{}', 's', 0, ?)", (session,))
     srv = ServerProcess(tmp_path).start()
     try:
         runs = srv.client().get("/api/workflows/1/runs").json()["runs"]

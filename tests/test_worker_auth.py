@@ -9,12 +9,12 @@ import http.client
 import json
 import os
 import socket
-import threading
 import time
 import types
 
 import nfapi_worker
-from conftest import ServerProcess, WorkerProcess, ready_workflow, wait_final, write_config
+from conftest import (ServerProcess, WorkerProcess, read_request, ready_workflow, serve_connections, wait_final,
+                      write_config)
 
 
 def sign(token, method, path, body, nonce=None, when=None):
@@ -81,31 +81,15 @@ class TamperingProxy:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        threading.Thread(target=self.serve, daemon=True).start()
-
-    def serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.forward, args=(conn,), daemon=True).start()
+        serve_connections(self.sock, self.forward)
 
     def forward(self, conn):
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, body = data.partition(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            headers = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-            length = int(next((v for k, v in headers.items() if k.lower() == "content-length"), "0"))
-            while len(body) < length:
-                body += conn.recv(65536)
-            method, path = lines[0].split()[:2]
+            request = read_request(conn)
+            if request is None:
+                return
+            line, headers, body = request
+            method, path = line.split()[:2]
             upstream = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=60)
             upstream.request(method, path, body=body or None, headers=headers)
             resp = upstream.getresponse()
