@@ -892,10 +892,10 @@ class Database:
         one write() where a commit writes six pages and takes three locks, so a killed server makes
         them at its next start (keep_old_promises).
 
-        Only a write that comes alone is promised: its answer would wait for a whole commit. One that
-        comes while another write is in progress shares a commit (write_together) and waits for it,
-        which costs less than a promise with many threads taking turns. So one promise is open at a
-        time, and the file is emptied once it holds PROMISES_KEPT_BYTES of kept ones. Nothing is
+        Only a write that comes alone is promised: one that comes while another write is in progress
+        shares its commit (write_together) and waits for it. So one promise is open at a time (the
+        wait below counts on it), and the file is emptied once it holds PROMISES_KEPT_BYTES of kept
+        ones. Nothing is
         promised either when the file cannot take the entry (a full disk), nor after a promised write
         failed (an error after the answer): the file then keeps that entry for the next start.
 
@@ -5116,11 +5116,16 @@ class Request:
         """Send the answer `status` (no body) now, and make the with-block's writes after it, once
         `entry` says what they are in the promises file (Database.promise); else answer after them,
         as every other request. The weblog's sender waits for each answer: its next post travels
-        while this one is written.
+        while this one is written. Only the one request in progress answers first: with others, posts
+        share commits (write_together), and a promise's write() is one more hand-over of the GIL
+        among the threads (16 senders lost a sixth of their rate).
 
         Every request that reads or writes waits for the promise: only what the socket takes at once
         is sent while it is open, the rest once the handler returns (send_answer_early). A client
         that stops reading its answers (a full socket) would hold them all for client_timeout."""
+        if self.conn.server.busy > 1:
+            yield
+            return
         with self.app.db.promise(entry) as promised:
             if promised:
                 try:
