@@ -895,9 +895,8 @@ class Database:
         Only a write that comes alone is promised: one that comes while another write is in progress
         shares its commit (write_together) and waits for it. So one promise is open at a time (the
         wait below counts on it), and the file is emptied once it holds PROMISES_KEPT_BYTES of kept
-        ones. Nothing is
-        promised either when the file cannot take the entry (a full disk), nor after a promised write
-        failed (an error after the answer): the file then keeps that entry for the next start.
+        ones. Nothing is promised either when the file cannot take the entry (a full disk), nor after
+        a promised write failed (an error after the answer): the file keeps that entry for the next start.
 
         Until the writes are made, connection() and write() wait: no request that starts after an
         answer reads less than the answer told. So a thread must not call them while its own
