@@ -10,7 +10,7 @@ SLOTS ?= 1
 # One virtual environment per Python version: the CI's run under 3.8 builds its own.
 VENV ?= .venv-$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 
-.PHONY: run demo test venv bench soak
+.PHONY: run demo test venv bench soak test-sqlite-3.24
 
 # The recipes below run in one shell each. The server and the worker are its background jobs, which
 # ignore SIGINT (a shell starts them so) and SIGHUP (`trap '' HUP` before they start): Ctrl-C and a
@@ -70,6 +70,23 @@ venv:
 	  $(PYTHON) -m venv $(VENV) && \
 	  $(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt && \
 	  ($(VENV_STAMP)) > $(VENV)/nfapi-stamp; }
+
+# The suite with the server and the worker on SQLite 3.24.0, the oldest nfapi supports (CI runs it).
+# They run under Python 3.8 (PYTHON38), whose sqlite3 module loads any libsqlite3; SQLite's source
+# comes from the npm package sqlite3@4.0.2, which ships it, and is built once into .sqlite-3.24/.
+PYTHON38 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.8*/bin/python))
+OLD_SQLITE = .sqlite-3.24
+test-sqlite-3.24: venv $(OLD_SQLITE)/python
+	NFAPI_TEST_PYTHON=$(CURDIR)/$(OLD_SQLITE)/python $(VENV)/bin/python -m pytest -q tests
+
+$(OLD_SQLITE)/python:
+	rm -rf $(OLD_SQLITE) && mkdir $(OLD_SQLITE) && cd $(OLD_SQLITE) && \
+	npm pack --silent sqlite3@4.0.2 > /dev/null && tar xzf sqlite3-4.0.2.tgz && \
+	tar xzf package/deps/sqlite-autoconf-3240000.tar.gz && \
+	gcc -O2 -w -fPIC -shared -DSQLITE_THREADSAFE=1 -Wl,-soname,libsqlite3.so.0 sqlite-autoconf-3240000/sqlite3.c \
+	  -lpthread -ldl -lm -o libsqlite3.so.0 && \
+	printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$$@"\n' "$$(pwd)" "$(PYTHON38)" > python.new && chmod +x python.new && \
+	./python.new -c 'import sqlite3, sys; sys.exit(sqlite3.sqlite_version != "3.24.0")' && mv python.new python
 
 # Benchmarks (not part of `make test`): one markdown table, each figure against a baseline of the same run.
 # The weblog's peer (Flask + gunicorn) runs from bench/.venv, which bench/run.py makes from bench/requirements.txt.
