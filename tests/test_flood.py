@@ -364,10 +364,11 @@ def test_sigterm_waits_a_bounded_time_for_a_stalled_request(tmp_path):
 def connection_refused(port):
     """Whether nothing listens on the port any more. Until the listener closes, each probe waits in
     its accept queue, which nobody empties while the server stops: once it is full, a probe's SYN is
-    dropped and the connect times out, which means "still listening" too."""
+    dropped and the connect times out, which means "still listening" too. A probe in that queue when
+    the listener closes is reset: the listener is gone."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
     except socket.timeout:
         return False
