@@ -1483,6 +1483,11 @@ def parse_json(data):
     return value
 
 
+def json_body(data):
+    """A request body as JSON; an empty body is `{}`."""
+    return parse_json(data) if data.strip() else {}
+
+
 # ==== Multipart ====
 
 class MultipartParser:
@@ -2410,7 +2415,7 @@ def keep_weblog_promises(app):
     def keep(conn, entry):
         head, _, body = entry.partition(b"\n")
         workflow_id, run_id = map(int, head.split())
-        record_weblog_post(app, conn, workflow_id, run_id, json.loads(body) if body.strip() else {})
+        record_weblog_post(app, conn, workflow_id, run_id, json_body(body))
     app.db.keep_old_promises(keep)
 
 
@@ -5185,7 +5190,7 @@ class Request:
             if self.body_left > self.app.config["max_json_bytes"]:
                 raise ApiError(413, "body", "JSON bodies are limited to %d bytes" % self.app.config["max_json_bytes"])
             self.json_text = data = b"".join(self.body_chunks())
-            self.json_body = parse_json(data) if data.strip() else {}
+            self.json_body = json_body(data)
             if not isinstance(self.json_body, dict):
                 raise ApiError(422, "body", "must be a JSON object")
             check_known_keys(self.route[0], self.json_body)
