@@ -9,7 +9,6 @@ import json
 import os
 import re
 import resource
-import select
 import selectors
 import signal
 import socket
@@ -239,21 +238,30 @@ def test_when_descriptors_run_short_the_oldest_waiting_connections_go_first(tmp_
 
 @contextlib.contextmanager
 def every_thread_taken(srv, count):
-    """Requests whose bodies never come hold all `count` threads (the server's max_connections)."""
+    """Requests whose bodies never come hold all `count` threads (the server's max_connections).
+    Each asks for 100 Continue, which only a thread sends: a holder answered 503 instead (a request
+    of the worker held a slot for a moment) is replaced, so no slot is left free by chance."""
     holders = []
 
+    def holder():
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        sock.sendall(("POST /api/workflows/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                      "Content-Length: 100\r\nExpect: 100-continue\r\n\r\n" % srv.token).encode())
+        if sock.recv(64).startswith(b"HTTP/1.1 100 Continue"):
+            return sock
+        sock.close()
+        return None
+
     def taken():
-        for sock in [s for s in holders if select.select([s], [], [], 0)[0]]:  # answered 503: again
-            holders.remove(sock)
-            sock.close()
         while len(holders) < count:
-            sock = socket.create_connection(("127.0.0.1", srv.port))
-            sock.sendall(("POST /api/workflows/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                          "Content-Length: 100\r\n\r\n" % srv.token).encode())
+            sock = holder()
+            if sock is None:
+                return False
             holders.append(sock)
-        return timed_requests(srv, 1)[0] == [503]
+        return True
     try:
         wait_for(taken, message="every thread taken")
+        assert timed_requests(srv, 1)[0] == [503]
         yield
     finally:
         for sock in holders:
