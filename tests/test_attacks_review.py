@@ -9,6 +9,7 @@ findings, their severity and the fix each one needs.
 import base64
 import json
 import os
+import select
 import socket
 import sqlite3
 import stat
@@ -319,13 +320,13 @@ def test_hole_waiting_reads_hold_every_request_slot(shared):
     owner = shared.client()
     wid = ready_workflow(owner)
     assert owner.post("/api/workflows/%d/schedule" % wid).status == 200  # queued: a wait waits
-    owner.conn.close()  # its keep-alive connection holds a slot too
-    time.sleep(0.3)
+    owner.conn.close()
     head = (b"GET /api/workflows/%d?wait=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n"
             % (wid, READER.encode()))
     waiting = [raw_request(shared.port, head) for _ in range(24)]
     try:
-        time.sleep(0.5)  # let them be taken up
+        # The token's half of the slots waits; the other half is answered at once (once all are in).
+        wait_for(lambda: len(select.select(waiting, [], [], 0)[0]) == 12, message="half the reads answered")
         started = time.monotonic()
         resp = shared.client().get("/api/workflows/count")
         beat = shared.client().post("/api/worker/heartbeat", {"runs": []})
@@ -340,16 +341,18 @@ def test_hole_waiting_reads_hold_every_request_slot(shared):
 def test_waiting_reads_hold_at_most_half_the_slots_whoever_sends_them(shared):
     """With the API token too: past max_connections / 2 waiting reads, a `?wait=` answers at once
     with the current state, and the other half stays for requests that must not wait."""
+    idle = shared.threads()  # before any request: no handler thread
     owner = shared.client()
     wid = ready_workflow(owner)
     assert owner.post("/api/workflows/%d/schedule" % wid).status == 200  # queued: a wait waits
     owner.conn.close()
-    time.sleep(0.3)
+    # Handler threads are pooled: once the owner's have ended, each waiting read is a thread more.
+    wait_for(lambda: shared.threads() == idle, message="the owner's handler threads to end")
     head = (b"GET /api/workflows/%d?wait=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n"
             % (wid, shared.token.encode()))
     waiting = [raw_request(shared.port, head) for _ in range(4)]
     try:
-        time.sleep(0.5)  # let them be taken up
+        wait_for(lambda: shared.threads() == idle + 4, message="the four reads to wait")
         fifth = raw_request(shared.port, head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
         answer = read_answer(fifth, timeout=5)
         fifth.close()

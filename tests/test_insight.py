@@ -292,7 +292,7 @@ def test_reports_are_served_sandboxed_with_secrets_masked(server, api):
 
 # ==== Is anyone working? ====
 
-@pytest.mark.stand(worker_absent_seconds=1)
+@pytest.mark.stand(worker_absent_seconds=3)  # longer than a busy worker's heartbeat period (1 s + a request)
 def test_workers_and_waiting_for_with_zero_one_and_a_stopped_worker(stand):
     api = stand.client()
     assert api.get("/api/workers").json() == {"workers": []}
@@ -311,7 +311,7 @@ def test_workers_and_waiting_for_with_zero_one_and_a_stopped_worker(stand):
     api.post("/api/workflows/%d/schedule" % second)
     queued = api.get("/api/workflows/%d" % second).json()["workflow"]["run"]
     # Busy (one slot), the worker leaves it queued, but its heartbeats say it is there.
-    wait_for(lambda: time.time() > queued["created_at"] + 2, message="the queued run to wait 2 s")
+    wait_for(lambda: time.time() > queued["created_at"] + 4, message="the queued run to wait 4 s")
     assert api.get("/api/workflows/%d" % second).json()["workflow"]["run"]["waiting_for"] is None
     workers = api.get("/api/workers").json()["workers"]
     assert len(workers) == 1

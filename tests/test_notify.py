@@ -200,7 +200,7 @@ def test_a_restart_in_the_middle_of_the_retries_neither_loses_nor_repeats(tmp_pa
     before the second, started again, and both then succeed: one message each, two attempts."""
     receiver.answers = [500]
     sink.refuse = 1
-    srv = start(write_config(tmp_path, notify_both(receiver, sink, waits=(1.5,) * 4)))
+    srv = start(write_config(tmp_path, notify_both(receiver, sink, waits=(5,) * 4)))
     api = srv.client()
     wid, run_id = scheduled(api)
     report_finished(api, claim_and_confirm(api))
@@ -210,6 +210,7 @@ def test_a_restart_in_the_middle_of_the_retries_neither_loses_nor_repeats(tmp_pa
         return len(found) == 2 and all(n["attempts"] == 1 and n["last_error"] for n in found.values())
     wait_for(first_attempt_failed, timeout=10, message="the first attempts to fail")
     srv.stop(signal.SIGKILL)
+    assert len(receiver.requests) == 1 and not sink.messages  # killed before the second attempts
     srv.start()
     api = srv.client()
     found = delivered(api, wid, run_id)

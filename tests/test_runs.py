@@ -186,7 +186,8 @@ def test_worker_sigkill_leaves_nothing_running_and_the_run_is_lost(stand):
     worker = stand.worker(env={"FAKE_NF_TASK_SECONDS": "60"})
     api = stand.client()
     wid = start_long_run(api)
-    assert len(processes_with_marker(worker.marker)) >= 3  # worker, nextflow, a task
+    # The stand-in reports a task submitted a moment before it starts it: worker, nextflow, a task.
+    wait_for(lambda: len(processes_with_marker(worker.marker)) >= 3, message="the first task to start")
     worker.proc.kill()
     worker.proc.wait()
     wait_for(lambda: processes_with_marker(worker.marker) == [], timeout=15, message="nextflow and tasks to die")

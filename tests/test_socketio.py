@@ -67,10 +67,13 @@ def test_protocol_by_hand_join_a_room_and_follow_a_run(stand):
     # Join the workflow's room (two packets in one payload: the join, and an event with an ack id).
     assert sock.post('42["join",{"room":"workflow%d"}]' % wid, '421["unknown-event"]').body == b"ok"
     assert sock.packets() == ["431[]"]
-    stand.worker()
     assert api.post("/api/workflows/%d/schedule" % wid).status == 200
     seen = []
     deadline = time.monotonic() + 30
+    while not any(name == "new-progress" for name, _ in seen):  # no worker yet: the new run at 0
+        assert time.monotonic() < deadline, seen
+        seen += events(sock.packets())
+    stand.worker()
     while ["finished-workflow", {}] not in seen:
         assert time.monotonic() < deadline, seen
         seen += events(sock.packets())
@@ -137,9 +140,9 @@ def test_ping_pong_keeps_a_session_and_silence_ends_it(fast_ping):
     assert 1.5 < time.monotonic() - last_pong < 4
 
 
-def test_a_second_waiting_get_closes_the_session(fast_ping):
-    sock = RawSocket(fast_ping)
-    clients = [fast_ping.client(), fast_ping.client()]
+def test_a_second_waiting_get_closes_the_session(server):
+    sock = RawSocket(server)
+    clients = [server.client(), server.client()]
     answers = []
     threads = [threading.Thread(target=lambda c=c: answers.append(c.get(sock.url))) for c in clients]
     for thread in threads:
@@ -151,13 +154,16 @@ def test_a_second_waiting_get_closes_the_session(fast_ping):
     assert sock.get().status == 400
 
 
-def test_the_close_packet_answers_the_waiting_get_with_noop(fast_ping):
-    sock = RawSocket(fast_ping)
-    threads = fast_ping.threads()
-    waiting = fast_ping.client()
+def test_the_close_packet_answers_the_waiting_get_with_noop(server):
+    idle = server.threads()  # before any request: no handler thread
+    sock = RawSocket(server)
+    # Handler threads are pooled: the handshake's serves the next arrival for a while. Once it has
+    # ended, one thread more can only be the GET's.
+    wait_for(lambda: server.threads() == idle, message="the handshake's handler thread to end")
+    waiting = server.client()
     getter = threading.Thread(target=lambda: setattr(getter, "resp", waiting.get(sock.url)))
     getter.start()
-    wait_for(lambda: fast_ping.threads() > threads, message="the GET's connection")
+    wait_for(lambda: server.threads() > idle, message="the GET's connection")
     assert sock.post("1").body == b"ok"
     getter.join()
     assert getter.resp.status == 200 and getter.resp.body == b"6"
