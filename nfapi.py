@@ -4123,36 +4123,39 @@ def whoami(req):
     return 200, {"read_only": req.read_only}
 
 
+DownloadLink = collections.namedtuple("DownloadLink", "workflow_id path fmt read_only")  # read_only: who asked
+
+
 class DownloadLinks:
     """Live tickets in memory, oldest first: every ticket lives as long, so the expired ones are at
     the front. A restart forgets them (the page asks for a new link)."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.tickets = collections.OrderedDict()  # ticket -> (workflow id, path, format, expiry, read_only)
+        self.tickets = collections.OrderedDict()  # ticket -> (expiry, DownloadLink)
         self.read_only_tickets = 0  # asked for with the read-only token: see read_only_share
 
     def create(self, workflow_id, path, fmt, read_only):
         ticket = secrets.token_urlsafe(32)
         now = time.monotonic()
         with self.lock:
-            while self.tickets and next(iter(self.tickets.values()))[3] <= now:
-                self.read_only_tickets -= self.tickets.popitem(last=False)[1][4]
+            while self.tickets and next(iter(self.tickets.values()))[0] <= now:
+                self.read_only_tickets -= self.tickets.popitem(last=False)[1][1].read_only
             if len(self.tickets) >= MAX_DOWNLOAD_LINKS or (
                     read_only and self.read_only_tickets >= read_only_share(MAX_DOWNLOAD_LINKS)):
                 raise ApiError(429, "path", "too many download links at once; use the ones you have or wait "
                                             "%d minutes" % (DOWNLOAD_LINK_SECONDS // 60), {"Retry-After": "60"})
-            self.tickets[ticket] = (workflow_id, path, fmt, now + DOWNLOAD_LINK_SECONDS, read_only)
+            self.tickets[ticket] = (now + DOWNLOAD_LINK_SECONDS, DownloadLink(workflow_id, path, fmt, read_only))
             self.read_only_tickets += read_only
         return ticket
 
     def find(self, ticket):
-        """(workflow id, path, format, whether the read-only token asked for it)."""
+        """The DownloadLink of a live ticket."""
         with self.lock:
             found = self.tickets.get(ticket)
-        if found is None or found[3] <= time.monotonic():
+        if found is None or found[0] <= time.monotonic():
             raise ApiError(404, "ticket", "no such download link, or it has expired; ask for a new one")
-        return found[:3] + found[4:]
+        return found[1]
 
 
 @reads_only
@@ -4173,10 +4176,9 @@ def workflow_download_link(req, id):
 @ticket_auth
 def download(req, ticket):
     """Follow a download link: exactly what GET /api/workflows/<id>/download serves for its path and format."""
-    workflow_id, path, fmt, _ = req.link
     # The bound values stand in for the query string; Range and If-None-Match apply as usual.
-    req.query_params = {"path": path, "format": fmt}
-    return workflow_download(req, workflow_id)
+    req.query_params = {"path": req.link.path, "format": req.link.fmt}
+    return workflow_download(req, req.link.workflow_id)
 
 
 # ==== Routes ====
@@ -5045,7 +5047,7 @@ class Request:
         handler, params = self.route
         if getattr(handler, "ticket_auth", False):
             self.link = self.app.download_links.find(params["ticket"])
-            self.read_only = self.link[3]
+            self.read_only = self.link.read_only
         elif not (getattr(handler, "run_secret_auth", False) or getattr(handler, "public", False)):
             self.authenticate(reads_only=getattr(handler, "reads_only", False))
 

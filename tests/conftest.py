@@ -201,6 +201,7 @@ class ServerProcess:
         log.close()
         line = wait_for(self.listening_line, timeout=20, message="server start")
         self.port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        self.threads_at_start = self.threads()  # before any request: no handler thread yet
         return self
 
     def listening_line(self):
@@ -245,6 +246,11 @@ class ServerProcess:
 
     def threads(self):
         return self.status_number("Threads")
+
+    def handler_threads(self):
+        """Threads serving requests. They are pooled: one stays a while (THREAD_IDLE_SECONDS) after its
+        answer and serves the next arrival, so a request adds a thread only when none is idle."""
+        return self.threads() - self.threads_at_start
 
     def cpu_seconds(self):
         """The CPU time the server process has used so far, user and system."""

@@ -341,18 +341,17 @@ def test_hole_waiting_reads_hold_every_request_slot(shared):
 def test_waiting_reads_hold_at_most_half_the_slots_whoever_sends_them(shared):
     """With the API token too: past max_connections / 2 waiting reads, a `?wait=` answers at once
     with the current state, and the other half stays for requests that must not wait."""
-    idle = shared.threads()  # before any request: no handler thread
     owner = shared.client()
     wid = ready_workflow(owner)
     assert owner.post("/api/workflows/%d/schedule" % wid).status == 200  # queued: a wait waits
     owner.conn.close()
-    # Handler threads are pooled: once the owner's have ended, each waiting read is a thread more.
-    wait_for(lambda: shared.threads() == idle, message="the owner's handler threads to end")
+    # Once the owner's handler threads have ended, each waiting read is a thread more.
+    wait_for(lambda: shared.handler_threads() == 0, message="the owner's handler threads to end")
     head = (b"GET /api/workflows/%d?wait=60 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n"
             % (wid, shared.token.encode()))
     waiting = [raw_request(shared.port, head) for _ in range(4)]
     try:
-        wait_for(lambda: shared.threads() == idle + 4, message="the four reads to wait")
+        wait_for(lambda: shared.handler_threads() == 4, message="the four reads to wait")
         fifth = raw_request(shared.port, head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
         answer = read_answer(fifth, timeout=5)
         fifth.close()

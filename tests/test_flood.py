@@ -345,12 +345,11 @@ def test_sigterm_lets_a_request_in_flight_finish_before_the_database_closes(tmp_
 
 def test_sigterm_ends_a_worker_long_poll_at_once(tmp_path):
     srv = ServerProcess(tmp_path).start()
-    idle = srv.threads()
     sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
     body = json.dumps({"worker": "w", "wait": 30}).encode()
     sock.sendall(("POST /api/worker/claim HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
                   "Content-Length: %d\r\n\r\n" % (srv.token, len(body))).encode() + body)
-    wait_for(lambda: srv.threads() > idle, message="the long poll to start")
+    wait_for(lambda: srv.handler_threads() > 0, message="the long poll to start")
     srv.proc.send_signal(signal.SIGTERM)
     assert srv.proc.wait(3) == 0  # well within SHUTDOWN_GRACE
     assert sock.recv(65536).startswith(b"HTTP/1.1 503 ")

@@ -155,15 +155,13 @@ def test_a_second_waiting_get_closes_the_session(server):
 
 
 def test_the_close_packet_answers_the_waiting_get_with_noop(server):
-    idle = server.threads()  # before any request: no handler thread
     sock = RawSocket(server)
-    # Handler threads are pooled: the handshake's serves the next arrival for a while. Once it has
-    # ended, one thread more can only be the GET's.
-    wait_for(lambda: server.threads() == idle, message="the handshake's handler thread to end")
+    # Once the handshake's handler thread has ended, one thread more can only be the GET's.
+    wait_for(lambda: server.handler_threads() == 0, message="the handshake's handler thread to end")
     waiting = server.client()
     getter = threading.Thread(target=lambda: setattr(getter, "resp", waiting.get(sock.url)))
     getter.start()
-    wait_for(lambda: server.threads() > idle, message="the GET's connection")
+    wait_for(lambda: server.handler_threads() > 0, message="the GET's connection")
     assert sock.post("1").body == b"ok"
     getter.join()
     assert getter.resp.status == 200 and getter.resp.body == b"6"
